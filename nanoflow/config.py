@@ -1,0 +1,48 @@
+"""Engine options: one dataclass shared by LLM(...), the CLI and the server."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class EngineConfig:
+    model: str = "default"
+    dtype: str = "bfloat16"
+    dense_batch: int = 256  # tokens per step (NanoFlow's B_dense); 1024-2048 on a GPU
+    max_num_seqs: int = 256
+    max_model_len: int | None = None  # None: the model's context length
+    block_size: int = 16
+    kv_cache_gb: float = 2.0
+    num_kv_blocks: int | None = None  # overrides kv_cache_gb (tests force preemption with it)
+    admission_control: bool = True
+    seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads; None: torch's default
+
+    def __post_init__(self) -> None:
+        for name in ("dense_batch", "max_num_seqs", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.kv_cache_gb <= 0:
+            raise ValueError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=d.model,
+                   help="'default' (SmolLM2-135M-Instruct), a .gguf file, an HF directory or dummy:<preset>")
+    g.add_argument("--dtype", default=d.dtype, help="bfloat16 | float32")
+    g.add_argument("--dense-batch", type=int, default=d.dense_batch, help="token budget per step")
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=d.block_size)
+    g.add_argument("--kv-cache-gb", type=float, default=d.kv_cache_gb)
+    g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--no-admission-control", dest="admission_control", action="store_false")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--num-threads", type=int, default=None)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig) if hasattr(args, f.name)})

@@ -1,0 +1,167 @@
+"""The step loop: schedule -> run -> sample -> append, detokenize, stop checks, retire."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoflow.config import EngineConfig
+from nanoflow.engine.request import Request
+from nanoflow.engine.runner import ModelRunner, kv_cache_blocks
+from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
+from nanoflow.models.loader import build_model, load_config, parse_dtype, resolve_model
+from nanoflow.outputs import CompletionOutput, RequestOutput
+from nanoflow.sampling_params import SamplingParams
+from nanoflow.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+
+@dataclass
+class RequestGroup:
+    """One user request; n > 1 fans out into n engine requests that share the prompt."""
+    request_id: str
+    prompt: str | None
+    children: list[Request]
+    detoks: list[IncrementalDetokenizer] = field(default_factory=list)
+
+
+@dataclass
+class StepStats:
+    num_steps: int = 0
+    prompt_tokens: int = 0  # prefill tokens computed (including recompute after preemption)
+    generated_tokens: int = 0
+    step_time_s: float = 0.0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        src = resolve_model(config.model)
+        self.dtype = parse_dtype(config.dtype)
+        self.model_config = load_config(src)
+        self.tokenizer = load_tokenizer(src)
+        model = build_model(src, self.model_config, self.dtype, seed=config.seed)
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        num_blocks = config.num_kv_blocks or kv_cache_blocks(
+            self.model_config, self.dtype, config.block_size, config.kv_cache_gb)
+        self.scheduler = Scheduler(SchedulerConfig(
+            dense_batch=config.dense_batch, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+            block_size=config.block_size, num_blocks=num_blocks, admission_control=config.admission_control))
+        self.runner = ModelRunner(model, self.model_config, self.dtype, num_blocks, config.block_size, config.seed)
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.groups: dict[str, RequestGroup] = {}
+        self._owner: dict[str, RequestGroup] = {}
+        self.stats = StepStats()
+
+    # ---- requests in and out ----
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        if request_id in self.groups:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
+        if params.max_tokens is None:
+            params.max_tokens = max(1, self.max_model_len - len(prompt_token_ids))
+        children = []
+        for i in range(params.n):
+            p = params if params.n == 1 else _child_params(params, i)
+            children.append(Request(list(prompt_token_ids), p, request_id=f"{request_id}#{i}"))
+        for c in children:
+            self.scheduler.check_fits(c)
+        group = RequestGroup(request_id, prompt, children,
+                             [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) for _ in children])
+        self.groups[request_id] = group
+        for c in children:
+            self._owner[c.request_id] = group
+            self.scheduler.add(c)
+
+    def abort_request(self, request_id: str) -> None:
+        group = self.groups.pop(request_id, None)
+        for c in group.children if group else []:
+            if not c.is_finished:
+                self.scheduler.finish(c, "abort")
+            self._retire(c)
+            self._owner.pop(c.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    # ---- the loop ----
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        reqs, result = self.runner.execute(batch)
+        self.stats.num_steps += 1
+        self.stats.prompt_tokens += sum(c.num_tokens for c in batch.prefills)
+        touched = {id(self._owner[c.req.request_id]): self._owner[c.req.request_id] for c in batch.chunks}
+        for i, req in enumerate(reqs):
+            self._append_token(req, result.token_ids[i], result.logprobs[i])
+        self.stats.generated_tokens += len(reqs)
+        self.stats.step_time_s += time.perf_counter() - t0
+        return [self._make_output(g) for g in touched.values()]
+
+    def _append_token(self, req: Request, token: int, logprob: dict | None) -> None:
+        group = self._owner[req.request_id]
+        detok = group.detoks[group.children.index(req)]
+        req.output_token_ids.append(token)
+        if logprob is not None:
+            req.logprobs.append(logprob)
+        p = req.params
+        n_out = len(req.output_token_ids)
+        if n_out >= p.min_tokens and not p.ignore_eos and token in self.eos_token_ids:
+            return self._finish(req, "stop", None)
+        if n_out >= p.min_tokens and token in p.stop_token_ids:
+            return self._finish(req, "stop", token)
+        detok.step(token)
+        if p.stop_strings and n_out >= p.min_tokens and self._check_stop_strings(req, detok):
+            return
+        req.text = detok.text
+        if n_out >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            self._finish(req, "length", None)
+
+    def _check_stop_strings(self, req: Request, detok: IncrementalDetokenizer) -> bool:
+        text = detok.text
+        for s in req.params.stop_strings:
+            idx = text.find(s, max(0, len(req.text) - len(s) + 1))
+            if idx >= 0:
+                req.text = text[: idx + len(s)] if req.params.include_stop_str_in_output else text[:idx]
+                self._finish(req, "stop", s)
+                return True
+        return False
+
+    def _finish(self, req: Request, reason: str, stop_reason) -> None:
+        req.stop_reason = stop_reason
+        self.scheduler.finish(req, reason)
+        self._retire(req)
+
+    def _retire(self, req: Request) -> None:
+        self.runner.sampler.release(req)
+
+    def _make_output(self, group: RequestGroup) -> RequestOutput:
+        outs = [CompletionOutput(i, c.text, list(c.output_token_ids), c.finish_reason, c.stop_reason,
+                                 list(c.logprobs) if c.params.logprobs is not None else None)
+                for i, c in enumerate(group.children)]
+        finished = all(c.is_finished for c in group.children)
+        if finished:
+            self.groups.pop(group.request_id, None)
+            for c in group.children:
+                self._owner.pop(c.request_id, None)
+        first = group.children[0]
+        return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, outs, finished,
+                             sum(c.num_preemptions for c in group.children))
+
+
+def _child_params(params: SamplingParams, i: int) -> SamplingParams:
+    import dataclasses
+    seed = None if params.seed is None else params.seed + i
+    return dataclasses.replace(params, n=1, seed=seed)

