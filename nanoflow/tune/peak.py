@@ -1,0 +1,148 @@
+"""Measured peaks of this machine: GEMM FLOP/s at the model's real shapes (the `Compute` of Eq. 5,
+which the paper measures rather than takes from a datasheet) and memory bandwidth.
+
+Results are cached in ~/.cache/nanoflow/peak.json so a second run is instant.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from nanoflow.models.config import ModelConfig
+
+MAX_WEIGHT_BYTES = 512 * 2**20  # slice N beyond this: FLOP/s, not the full weight, is the point
+MAX_CALL_FLOPS = {"cpu": 2e10, "cuda": 2e13}  # keep one call well under the time budget
+
+
+def default_cache_path() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "nanoflow", "peak.json")
+
+
+def _load(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(path: str, key: str, value: float) -> None:
+    data = _load(path)
+    data[key] = value
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)  # atomic: concurrent runs never see half a file
+
+
+def _device_tag(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:threads={torch.get_num_threads()}"
+
+
+def _sync(device: str) -> Callable[[], None]:
+    return (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+
+
+def gemm_shapes(cfg: ModelConfig) -> list[tuple[str, int, int, int]]:
+    """(name, N, K, calls per model pass) for fused qkv, o, fused gate_up, down and the LM head."""
+    L, d = cfg.num_layers, cfg.hidden_size
+    return [("qkv", cfg.q_size + 2 * cfg.kv_size, d, L), ("o", d, cfg.q_size, L),
+            ("gate_up", 2 * cfg.intermediate_size, d, L), ("down", d, cfg.intermediate_size, L),
+            ("lm_head", cfg.vocab_size, d, 1)]
+
+
+def _sliced_n(n: int, k: int, m: int, elt: int, device: str) -> int:
+    """Largest N (multiple of 64 when sliced) within the weight-size and per-call FLOP caps."""
+    cap = min(MAX_WEIGHT_BYTES // (k * elt), int(MAX_CALL_FLOPS["cuda" if device.startswith("cuda")
+                                                               else "cpu"] // (2 * m * k)))
+    return n if n <= cap else max(64, cap // 64 * 64)
+
+
+def _time_linear(x: torch.Tensor, w: torch.Tensor, budget: float, sync: Callable[[], None]) -> float:
+    """Seconds per call of F.linear(x, w) after warmup: the fastest single call within `budget`.
+    The fastest, not the mean: this is a peak, and on a shared machine a descheduled OpenMP thread
+    makes some calls several times slower."""
+    for _ in range(2):
+        F.linear(x, w)
+    sync()
+    best, calls, start = float("inf"), 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < budget:
+        t0 = time.perf_counter()
+        F.linear(x, w)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+        calls += 1
+    return best
+
+
+@torch.inference_mode()
+def _measure_gemm(cfg: ModelConfig, dtype: torch.dtype, m: int, seconds: float, device: str) -> float:
+    shapes = gemm_shapes(cfg)
+    elt = torch.empty((), dtype=dtype).element_size()
+    sync = _sync(device)
+    total_flops = total_time = 0.0
+    for _, n, k, calls in shapes:
+        ns = _sliced_n(n, k, m, elt, device)
+        x = torch.randn(m, k, dtype=dtype, device=device)
+        w = torch.randn(ns, k, dtype=dtype, device=device) * k**-0.5
+        rate = 2.0 * m * ns * k / _time_linear(x, w, seconds / len(shapes), sync)
+        full = 2.0 * m * n * k * calls  # the full-size op runs at the sliced op's rate
+        total_flops += full
+        total_time += full / rate
+        del x, w
+    return total_flops / total_time
+
+
+def measure_gemm_peak(cfg: ModelConfig, dtype: torch.dtype, m: int, seconds: float = 1.0,
+                      refresh: bool = False, device: str = "cpu", cache_path: str | None = None) -> float:
+    """Aggregate GEMM FLOP/s of one model pass at M = m tokens: total FLOPs over total time, each
+    layer shape timed with torch's own F.linear (weights [N, K] in `dtype`). Cached per
+    (shape, dtype, m, device/threads); `refresh` re-measures."""
+    if m < 1:
+        raise ValueError(f"m must be >= 1, got {m}")
+    path = cache_path or default_cache_path()
+    shape = "x".join(str(v) for v in (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers,
+                                      cfg.q_size, cfg.kv_size, cfg.vocab_size))
+    key = f"gemm|{shape}|{str(dtype).replace('torch.', '')}|m={m}|{_device_tag(device)}"
+    if not refresh:
+        cached = _load(path).get(key)
+        if isinstance(cached, (int, float)) and cached > 0:
+            return float(cached)
+    value = _measure_gemm(cfg, dtype, m, seconds, device)
+    _store(path, key, value)
+    return value
+
+
+@torch.inference_mode()
+def measure_mem_bandwidth(seconds: float = 0.5, nbytes: int = 256 * 2**20, refresh: bool = False,
+                          device: str = "cpu", cache_path: str | None = None) -> float:
+    """Streaming bandwidth in bytes/s from large tensor copies (each copy reads and writes nbytes).
+    Much larger than any cache, so this is DRAM / HBM bandwidth."""
+    path = cache_path or default_cache_path()
+    key = f"membw|{nbytes}|{_device_tag(device)}"
+    if not refresh:
+        cached = _load(path).get(key)
+        if isinstance(cached, (int, float)) and cached > 0:
+            return float(cached)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    sync = _sync(device)
+    dst.copy_(src)  # warmup: fault in the pages
+    sync()
+    copies, t0 = 0, time.perf_counter()
+    while copies < 3 or time.perf_counter() - t0 < seconds:
+        dst.copy_(src)
+        copies += 1
+        sync()
+    value = 2.0 * nbytes * copies / (time.perf_counter() - t0)
+    _store(path, key, value)
+    return value
