@@ -1,0 +1,87 @@
+"""`nanoflow bench offline`: our engine on a trace sample, with peers measured in the same run."""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import asdict
+
+from nanoflow.bench.workloads import BenchRequest, sample_workload, throughput_metrics
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--workload", default="sharegpt", help="splitwise | lmsys | sharegpt | const:IN/OUT")
+    g.add_argument("--num-requests", type=int, default=128)
+    g.add_argument("--workload-seed", type=int, default=0)
+    g.add_argument("--max-input", type=int, default=None, help="cap prompt lengths (tokens)")
+    g.add_argument("--max-output", type=int, default=None, help="cap output lengths (tokens)")
+    g = p.add_argument_group("comparison")
+    g.add_argument("--compare", default="", help="comma list of peers: hf, llama.cpp")
+    g.add_argument("--hf-batch-sizes", default="16,32,64", help="static batch sizes HF tries")
+    g.add_argument("--llamacpp-parallel", type=int, default=64)
+    g.add_argument("--peak-seconds", type=float, default=1.0, help="GEMM peak measurement time")
+    g.add_argument("--json", default=None, help="write results to this file")
+
+
+def run_ours(llm, requests: list[BenchRequest]) -> dict:
+    from nanoflow import SamplingParams
+    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
+    llm.generate([requests[0].prompt_token_ids[:8]], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=True)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == r.output_len for o, r in zip(outs, requests)), "lost tokens"
+    stats = llm.engine.stats
+    return {**throughput_metrics(requests, elapsed), "preemptions": llm.engine.scheduler.num_preemptions,
+            "steps": stats.num_steps}
+
+
+def optimum(cfg, dtype, dense_batch: int, seconds: float) -> tuple[float, float]:
+    from nanoflow.tune.costmodel import optimal_throughput
+    from nanoflow.tune.peak import measure_gemm_peak
+    peak = measure_gemm_peak(cfg, dtype, dense_batch, seconds=seconds)
+    return peak, optimal_throughput(cfg, peak)
+
+
+def run_peers(args, llm, requests: list[BenchRequest]) -> list[dict]:
+    from nanoflow.models.loader import resolve_model
+    src = resolve_model(args.model)
+    rows = []
+    for peer in [p.strip() for p in args.compare.split(",") if p.strip()]:
+        if peer == "hf":
+            from nanoflow.bench.hf_baseline import run_hf
+            d, f = (os.path.dirname(src.path), os.path.basename(src.path)) if src.kind == "gguf" else (src.path, None)
+            sizes = [int(s) for s in args.hf_batch_sizes.split(",")]
+            rows.append({"system": "HF transformers", **run_hf(d, f, requests, llm.engine.dtype, sizes)})
+        elif peer == "llama.cpp":
+            from nanoflow.bench.llamacpp_baseline import llamacpp_available, run_llamacpp
+            if src.kind != "gguf" or not llamacpp_available():
+                print("skipping llama.cpp: needs a GGUF model and `pip install llama-cpp-python`")
+                continue
+            rows.append({"system": "llama.cpp", **run_llamacpp(src.path, requests, args.llamacpp_parallel)})
+        else:
+            raise ValueError(f"unknown peer {peer!r}: choose hf, llama.cpp")
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from nanoflow import LLM
+    from nanoflow.bench.report import print_summary, write_json
+    from nanoflow.config import engine_config_from_args
+    cfg = asdict(engine_config_from_args(args))
+    llm = LLM(cfg.pop("model"), **cfg)
+    requests = sample_workload(args.workload, args.num_requests, args.workload_seed,
+                               llm.model_config.vocab_size, llm.engine.max_model_len, args.max_input, args.max_output)
+    peak, best = optimum(llm.model_config, llm.engine.dtype, args.dense_batch, args.peak_seconds)
+    rows = [{"system": f"nanoflow ({args.dtype})", **run_ours(llm, requests)}]
+    rows += run_peers(args, llm, requests)
+    for r in rows:
+        r["pct_of_optimal"] = 100.0 * r["total_tokens_per_s"] / best
+    print_summary(rows, f"{args.workload}, {len(requests)} requests, optimum {best:.0f} tok/s "
+                        f"(measured GEMM peak {peak / 1e9:.0f} GFLOP/s)")
+    if args.json:
+        write_json(args.json, {"workload": args.workload, "num_requests": len(requests), "dtype": args.dtype,
+                               "dense_batch": args.dense_batch, "peak_flops": peak, "optimal_tokens_per_s": best,
+                               "results": rows})
+    return 0
