@@ -18,7 +18,8 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--presence-penalty", type=float, default=0.0)
     g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--seed", dest="sample_seed", type=int, default=None)
+    g.add_argument("--sampling-seed", dest="sample_seed", type=int, default=None,
+                   help="per-request seed (same seed, same output)")
     g.add_argument("--stop", action="append", default=None)
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--logprobs", type=int, default=None)

@@ -17,6 +17,9 @@ def load_tokenizer(src: ModelSource):
     if src.kind == "gguf":
         return AutoTokenizer.from_pretrained(os.path.dirname(src.path), gguf_file=os.path.basename(src.path))
     if src.kind == "hf":
+        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+        if not any(os.path.exists(os.path.join(src.path, n)) for n in names):
+            return None  # weights only: token ids in and out
         return AutoTokenizer.from_pretrained(src.path)
     return None  # dummy weights: token ids only
 
