@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from nanoflow.kernels import cpu_ext
+
+USE_CPP_KERNELS = True  # flipped off by tests/benchmarks to compare with the torch path
+
 
 @dataclass
 class PrefillChunk:
@@ -58,6 +62,14 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> tor
 
 def decode_attention(q, kv_cache, block_tables, context_lens, max_len: int, scale: float):
     """One query per request against its whole paged context."""
+    ext = cpu_ext.load() if q.device.type == "cpu" and USE_CPP_KERNELS else None
+    if ext is not None:  # reads the pages in place: no gathered copy of the context
+        return ext.paged_decode(q, kv_cache[0], kv_cache[1], block_tables, context_lens, scale)
+    return decode_attention_torch(q, kv_cache, block_tables, context_lens, max_len, scale)
+
+
+def decode_attention_torch(q, kv_cache, block_tables, context_lens, max_len: int, scale: float):
+    """Reference path: gather the pages, then masked SDPA."""
     k = _gather(kv_cache[0], block_tables, max_len)
     v = _gather(kv_cache[1], block_tables, max_len)
     mask = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None]

@@ -9,7 +9,7 @@ from torch import nn
 
 from nanoflow.kernels.attention import AttentionMetadata, paged_attention, write_kv
 from nanoflow.models.config import ModelConfig
-from nanoflow.models.layers import Linear, RMSNorm, RotaryEmbedding, silu_and_mul
+from nanoflow.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rope, silu_and_mul
 
 
 class Attention(nn.Module):
@@ -20,13 +20,14 @@ class Attention(nn.Module):
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size)
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x, positions, rope, meta: AttentionMetadata, kv_cache):
+    def forward(self, x, rope_cs, meta: AttentionMetadata, kv_cache):
         c = self.cfg
-        q, k, v = self.qkv_proj(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = q.view(-1, c.num_heads, c.head_dim)
-        k = k.view(-1, c.num_kv_heads, c.head_dim)
-        v = v.view(-1, c.num_kv_heads, c.head_dim)
-        q, k = rope(positions, q, k)
+        qkv = self.qkv_proj(x)
+        n = qkv.shape[0]
+        # Rotate q and k heads in one pass: they are adjacent columns of the fused projection.
+        qk = apply_rope(qkv[:, : c.q_size + c.kv_size].view(n, c.num_heads + c.num_kv_heads, c.head_dim), *rope_cs)
+        q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
+        v = qkv[:, c.q_size + c.kv_size:].view(n, c.num_kv_heads, c.head_dim)
         write_kv(kv_cache, k, v, meta.slot_mapping)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, c.q_size))
@@ -50,13 +51,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, residual, positions, rope, meta, kv_cache):
+    def forward(self, x, residual, rope_cs, meta, kv_cache):
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, rope, meta, kv_cache)
+        x = self.self_attn(x, rope_cs, meta, kv_cache)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -75,9 +76,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
         """Returns final hidden states [T, hidden] for all tokens of the step."""
         x = self.embed_tokens(input_ids)
+        rope_cs = self.rope.cos_sin(positions, x.dtype)
         residual = None
         for layer, kv in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, positions, self.rope, meta, kv)
+            x, residual = layer(x, residual, rope_cs, meta, kv)
         x, _ = self.norm(x, residual)
         return x
 
