@@ -6,6 +6,18 @@
 #include <cmath>
 #include <vector>
 
+// Row to float32. The bf16 case is a plain shift so the compiler vectorizes it.
+template <typename T>
+static inline void load_row(const T* src, float* dst, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]);
+}
+template <>
+inline void load_row<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* o = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t d = 0; d < n; ++d) o[d] = static_cast<uint32_t>(s[d]) << 16;
+}
+
 template <typename T>
 static void decode_one(const T* q, const T* kc, const T* vc, const int64_t* table, int64_t len,
                        int64_t bs, int64_t hkv, int64_t kvh, int64_t G, int64_t D, float scale, T* out,
@@ -17,7 +29,7 @@ static void decode_one(const T* q, const T* kc, const T* vc, const int64_t* tabl
   for (int64_t t = 0; t < len; ++t) {
     const T* k = kc + ((table[t / bs] * bs + t % bs) * hkv + kvh) * D;
     float kf[256];
-    for (int64_t d = 0; d < D; ++d) kf[d] = static_cast<float>(k[d]);
+    load_row(k, kf, D);
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = qf.data() + g * D;
       float s = 0.f;
@@ -36,7 +48,7 @@ static void decode_one(const T* q, const T* kc, const T* vc, const int64_t* tabl
   for (int64_t t = 0; t < len; ++t) {
     const T* v = vc + ((table[t / bs] * bs + t % bs) * hkv + kvh) * D;
     float vf[256];
-    for (int64_t d = 0; d < D; ++d) vf[d] = static_cast<float>(v[d]);
+    load_row(v, vf, D);
     for (int64_t g = 0; g < G; ++g) {
       float p = scores[g * len + t];
       float* a = acc.data() + g * D;
