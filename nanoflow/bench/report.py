@@ -1,0 +1,54 @@
+"""Offline-benchmark reporting: one rich table per run, and the raw results as JSON."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+# (header, row key, format); numbers are right-aligned so columns compare at a glance.
+_COLUMNS = (
+    ("requests", "num_requests", "{:d}"),
+    ("input tok", "input_tokens", "{:d}"),
+    ("output tok", "output_tokens", "{:d}"),
+    ("elapsed s", "elapsed_s", "{:.1f}"),
+    ("total tok/s", "total_tokens_per_s", "{:.1f}"),
+    ("output tok/s", "output_tokens_per_s", "{:.1f}"),
+    ("req/s", "requests_per_s", "{:.3f}"),
+    ("% of optimal", "pct_of_optimal", "{:.1f}%"),
+)
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    return "-" if value is None else fmt.format(value)
+
+
+def print_summary(rows: list[dict], title: str, console: Console | None = None) -> None:
+    """Print a table of throughput rows; the first row is ours, and the last column is
+    ours' total tok/s divided by that row's (so 2.00x means ours is twice as fast)."""
+    table = Table(title=title)
+    table.add_column("system", style="bold")
+    for header, _, _ in _COLUMNS:
+        table.add_column(header, justify="right")
+    table.add_column("ours ÷ this", justify="right")
+    ours = rows[0].get("total_tokens_per_s") if rows else None
+    for row in rows:
+        mine = row.get("total_tokens_per_s")
+        ratio = f"{ours / mine:.2f}x" if ours and mine else "-"
+        table.add_row(str(row.get("system", "?")), *(_cell(row, k, f) for _, k, f in _COLUMNS), ratio)
+    if console is None:  # pipes and CI logs default to 80 columns, which would elide the numbers
+        console = Console(width=max(Console().width, 150))
+    console.print(table)
+
+
+def write_json(path: str, payload: Any) -> None:
+    """Write results as indented JSON, creating parent folders; non-JSON values (dtypes) become strings."""
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=2, default=str)
+        fh.write("\n")
