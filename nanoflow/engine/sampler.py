@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoflow.engine.request import Request
+from nanoflow.kernels import cpu_ext
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Sampler:
         self._generators.pop(req.request_id, None)
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
+        if all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties for r in reqs):
+            return SampleResult(_argmax(logits).tolist(), [None] * len(reqs))  # the throughput-job path
         logits = logits.float()
         want_lp = [r.params.logprobs is not None for r in reqs]
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
@@ -78,6 +81,13 @@ class Sampler:
             vals, ids = lp.topk(k)
             top = list(zip(ids.tolist(), vals.tolist()))
         return {"token_id": token, "logprob": lp[token].item(), "top": top}
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy tokens straight from the raw (e.g. bf16) logits: the float32 copy and torch's argmax
+    each cost as much as the LM head on a CPU. Same result and tie rule (first maximum)."""
+    ext = cpu_ext.get() if logits.device.type == "cpu" else None
+    return ext.argmax_rows(logits) if ext is not None else logits.argmax(dim=-1)
 
 
 def _filter(probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Builds the C++ CPU kernels once (torch.utils.cpp_extension, cached on disk) and exposes them.
 
-Falls back to the plain-torch path when no compiler is available, so nothing depends on it for correctness.
+Falls back to the plain-torch path when no compiler is available, so nothing depends on it for
+correctness. `set_enabled(False)` (or NANOFLOW_NO_CPP=1) switches every C++ kernel off, for ablations
+and for tests that compare the two paths.
 """
 from __future__ import annotations
 
@@ -9,17 +11,31 @@ import logging
 import os
 
 log = logging.getLogger(__name__)
-_SRC = os.path.join(os.path.dirname(__file__), "csrc", "paged_decode.cpp")
+_CSRC = os.path.join(os.path.dirname(__file__), "csrc")
+_SOURCES = [os.path.join(_CSRC, f) for f in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp")]
+_enabled = os.environ.get("NANOFLOW_NO_CPP") != "1"
+
+
+def set_enabled(flag: bool) -> None:
+    global _enabled
+    _enabled = flag
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def get():
+    """The compiled module when C++ kernels are on and buildable, else None (use the torch path)."""
+    return load() if _enabled else None
 
 
 @functools.lru_cache(maxsize=1)
 def load():
     """The compiled module, or None if it cannot be built here."""
-    if os.environ.get("NANOFLOW_NO_CPP") == "1":
-        return None
     try:
         from torch.utils.cpp_extension import load as load_ext
-        return load_ext(name="nanoflow_cpu_kernels", sources=[_SRC], verbose=False,
+        return load_ext(name="nanoflow_cpu_kernels", sources=_SOURCES, verbose=False,
                         extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                         extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler / ninja: keep working on the torch path

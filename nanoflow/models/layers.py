@@ -1,9 +1,19 @@
 """Shared Llama-family building blocks: pure math on tensors, no engine state."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nanoflow.kernels import cpu_ext
+
+
+def _fused_ext(x: torch.Tensor):
+    """The C++ kernels for reduced-precision CPU tensors; float32 keeps torch's exact op order
+    (HF parity is proven bit for bit there)."""
+    return cpu_ext.get() if x.device.type == "cpu" and x.dtype != torch.float32 else None
 
 
 class RMSNorm(nn.Module):
@@ -14,6 +24,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """With `residual`, adds it first and returns (normed, new_residual), saving a pass."""
+        ext = _fused_ext(x) if residual is not None and x.is_contiguous() else None
+        if ext is not None and self.weight.dtype == x.dtype:  # one pass, in place on both
+            ext.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return x, residual
         if residual is not None:
             x = x + residual
             residual = x
@@ -22,6 +36,14 @@ class RMSNorm(nn.Module):
         else:  # one fused pass (accumulates in float32 internally)
             y = F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return y if residual is None else (y, residual)
+
+
+@dataclass
+class RopeInputs:
+    """Per-step RoPE state shared by every layer: positions, plus the torch path's [T, 1, D] cos/sin."""
+    positions: torch.Tensor
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
 
 
 class RotaryEmbedding(nn.Module):
@@ -34,14 +56,30 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        # The C++ kernel's float32 table, [cos | sin] of the distinct frequencies. A plain attribute,
+        # not a buffer, so model.to(bfloat16) leaves it in float32.
+        half = head_dim // 2
+        self.cos_sin = torch.cat((emb.cos()[:, :half], emb.sin()[:, :half]), -1).contiguous()
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Looked up once per step and shared by every layer: [T, 1, D] each."""
-        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
+    def prepare(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeInputs:
+        """Once per step; the torch path's cos/sin tables are looked up here, not in every layer."""
+        if cpu_ext.get() is not None and positions.device.type == "cpu" and dtype != torch.float32:
+            return RopeInputs(positions)
+        return RopeInputs(positions, self.cos[positions].to(dtype).unsqueeze(1),
+                          self.sin[positions].to(dtype).unsqueeze(1))
+
+    def apply_(self, x: torch.Tensor, num_heads: int, head_dim: int, rope: RopeInputs) -> None:
+        """Rotate the first `num_heads` heads of each row of x [T, cols] in place (q and k heads are
+        adjacent columns of the fused qkv output), HF's rotate-half convention."""
+        if rope.cos is None:
+            cpu_ext.get().rope_inplace(x, rope.positions, self.cos_sin, num_heads, head_dim)
+            return
+        heads = x[:, : num_heads * head_dim].view(x.shape[0], num_heads, head_dim)
+        heads.copy_(apply_rope(heads, rope.cos, rope.sin))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D] (q and k heads together) -> rotated copy, HF's rotate-half convention."""
+    """x: [T, H, D] -> rotated copy."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
@@ -60,5 +98,8 @@ class Linear(nn.Module):
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    ext = _fused_ext(gate_up) if gate_up.is_contiguous() else None
+    if ext is not None:
+        return ext.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

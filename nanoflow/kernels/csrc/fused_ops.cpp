@@ -1,0 +1,131 @@
+// Fused element-wise ops for the CPU path: each is one pass over memory instead of the 3-6 passes
+// (and float32 temporaries) that the equivalent torch expression makes at bf16.
+// All compute in float32 and round once on store; rows are split over ATen's thread pool.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+
+namespace {
+
+template <typename T>
+inline float f32(T x) { return static_cast<float>(x); }
+
+constexpr int64_t kGrain = 16;  // rows per task: small enough to balance 2-8 threads at decode sizes
+
+}  // namespace
+
+// residual += x; x = rms_norm(residual) * weight. In place on both (x is a temporary GEMM output).
+void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && weight.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(x.sizes() == residual.sizes() && x.scalar_type() == residual.scalar_type(), "x/residual mismatch");
+  const int64_t H = x.size(-1), rows = x.numel() / H;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_add_rms_norm", [&] {
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* rp = residual.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* xr = xp + r * H;
+        scalar_t* rr = rp + r * H;
+        float ss = 0.f;
+        for (int64_t i = 0; i < H; ++i) {
+          const scalar_t s = static_cast<scalar_t>(f32(xr[i]) + f32(rr[i]));  // the residual stream keeps dtype
+          rr[i] = s;
+          ss += f32(s) * f32(s);
+        }
+        const float inv = 1.f / std::sqrt(ss / H + static_cast<float>(eps));
+        for (int64_t i = 0; i < H; ++i) xr[i] = static_cast<scalar_t>(f32(rr[i]) * inv * f32(wp[i]));
+      }
+    });
+  });
+}
+
+// gate_up [T, 2I] -> silu(gate) * up [T, I].
+torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.is_contiguous(), "gate_up must be contiguous");
+  const int64_t I = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * I);
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = I;
+  auto out = torch::empty(sizes, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_and_mul", [&] {
+    const scalar_t* in = gate_up.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* g = in + r * 2 * I;
+        const scalar_t* u = g + I;
+        scalar_t* o = op + r * I;
+        for (int64_t i = 0; i < I; ++i) {
+          const float gv = f32(g[i]);
+          o[i] = static_cast<scalar_t>(gv / (1.f + std::exp(-gv)) * f32(u[i]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Rotate-half RoPE in place on the first `num_heads` heads of each row of x [T, row_stride]
+// (q and k heads, adjacent in the fused qkv output). cos_sin [max_pos, head_dim] float32 holds
+// cos in the first half and sin in the second half of each row.
+void rope_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin, int64_t num_heads,
+                  int64_t head_dim) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [T, row] with unit column stride");
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous(), "cos_sin must be float32");
+  auto pos = positions.to(torch::kLong).contiguous();
+  const int64_t T = x.size(0), stride = x.stride(0), half = head_dim / 2;
+  const float* cs = cos_sin.data_ptr<float>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rope_inplace", [&] {
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, T, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const float* c = cs + pp[t] * head_dim;
+        const float* s = c + half;
+        for (int64_t h = 0; h < num_heads; ++h) {
+          scalar_t* v = xp + t * stride + h * head_dim;
+          for (int64_t i = 0; i < half; ++i) {
+            const float x1 = f32(v[i]), x2 = f32(v[i + half]);
+            v[i] = static_cast<scalar_t>(x1 * c[i] - x2 * s[i]);
+            v[i + half] = static_cast<scalar_t>(x2 * c[i] + x1 * s[i]);
+          }
+        }
+      }
+    });
+  });
+}
+
+// Row-wise argmax (first index of the maximum, like torch.argmax), parallel over rows: torch's CPU
+// argmax runs one row per thread at ~1 GB/s, which made greedy sampling cost as much as the LM head.
+torch::Tensor argmax_rows(torch::Tensor logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [rows, vocab] with unit column stride");
+  const int64_t rows = logits.size(0), V = logits.size(1), stride = logits.stride(0);
+  auto out = torch::empty({rows}, logits.options().dtype(torch::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "argmax_rows", [&] {
+    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* row = lp + r * stride;
+        constexpr int64_t kLanes = 16;  // independent running maxima, so the loop vectorizes
+        float best[kLanes];
+        int64_t idx[kLanes];
+        for (int64_t l = 0; l < kLanes; ++l) { best[l] = -INFINITY; idx[l] = V; }
+        int64_t i = 0;
+        for (; i + kLanes <= V; i += kLanes)
+          for (int64_t l = 0; l < kLanes; ++l) {
+            const float v = f32(row[i + l]);
+            if (v > best[l]) { best[l] = v; idx[l] = i + l; }
+          }
+        float m = -INFINITY;
+        int64_t arg = 0;
+        for (int64_t l = 0; l < kLanes; ++l)
+          if (best[l] > m || (best[l] == m && idx[l] < arg)) { m = best[l]; arg = idx[l]; }
+        for (; i < V; ++i)
+          if (f32(row[i]) > m) { m = f32(row[i]); arg = i; }
+        op[r] = arg;
+      }
+    });
+  });
+  return out;
+}

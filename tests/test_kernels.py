@@ -1,0 +1,72 @@
+"""C++ CPU kernels against the plain-torch reference path they replace."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoflow.kernels import cpu_ext
+from nanoflow.kernels.attention import decode_attention_torch
+from nanoflow.models.layers import RotaryEmbedding, apply_rope
+
+ext = cpu_ext.load()
+pytestmark = pytest.mark.skipif(ext is None, reason="C++ kernels could not be built here")
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def _paged_cache(num_blocks, block_size, hkv, d, dtype, gen):
+    return torch.randn(2, num_blocks, block_size, hkv, d, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq, hkv, d", [(9, 3, 64), (4, 4, 128), (8, 2, 32)])
+def test_paged_decode_matches_torch(dtype, hq, hkv, d):
+    gen = torch.Generator().manual_seed(0)
+    bs, nb, b = 16, 128, 6
+    cache = _paged_cache(nb, bs, hkv, d, dtype, gen)
+    lens = torch.tensor([1, 15, 16, 17, 100, 200])
+    width = -(-int(lens.max()) // bs)
+    tables = torch.randperm(nb, generator=gen)[: b * width].view(b, width)  # scattered, non-contiguous pages
+    q = torch.randn(b, hq, d, generator=gen).to(dtype)
+    got = ext.paged_decode(q, cache[0], cache[1], tables, lens, d ** -0.5)
+    want = decode_attention_torch(q.float(), cache.float(), tables, lens, int(lens.max()), d ** -0.5)
+    torch.testing.assert_close(got.float(), want, **TOL[dtype])
+
+
+def test_fused_add_rms_norm_matches_torch():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(37, 576, generator=gen).bfloat16()
+    res = torch.randn(37, 576, generator=gen).bfloat16()
+    w = torch.randn(576, generator=gen).bfloat16()
+    want_res = x + res
+    want = F.rms_norm(want_res.float(), (576,), w.float(), 1e-5)
+    ext.fused_add_rms_norm(x, res, w, 1e-5)
+    torch.testing.assert_close(res, want_res)
+    torch.testing.assert_close(x.float(), want, **TOL[torch.bfloat16])
+
+
+def test_silu_and_mul_matches_torch():
+    gu = torch.randn(33, 2 * 1536, generator=torch.Generator().manual_seed(2)).bfloat16()
+    g, u = gu.float().chunk(2, dim=-1)
+    torch.testing.assert_close(ext.silu_and_mul(gu).float(), F.silu(g) * u, **TOL[torch.bfloat16])
+
+
+def test_rope_inplace_matches_torch():
+    rope = RotaryEmbedding(64, 4096, 10000.0)
+    t, hq, hkv = 21, 9, 3
+    qkv = torch.randn(t, (hq + 2 * hkv) * 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    pos = torch.randint(0, 4096, (t,))
+    heads = qkv[:, : (hq + hkv) * 64].float().view(t, hq + hkv, 64)
+    want = apply_rope(heads, rope.cos[pos].unsqueeze(1), rope.sin[pos].unsqueeze(1))
+    v_before = qkv[:, (hq + hkv) * 64:].clone()
+    ext.rope_inplace(qkv, pos, rope.cos_sin, hq + hkv, 64)
+    torch.testing.assert_close(qkv[:, : (hq + hkv) * 64].float().view(t, hq + hkv, 64), want,
+                               **TOL[torch.bfloat16])
+    assert torch.equal(qkv[:, (hq + hkv) * 64:], v_before)  # v columns untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_rows_matches_torch(dtype):
+    x = torch.randn(7, 49157, generator=torch.Generator().manual_seed(4)).to(dtype)
+    x[1, 5] = x[1, 4000] = x[1].max() + 1  # a tie: the first index wins, as in torch
+    x[2, -1] = x[2].max() + 1  # the maximum in the tail after the vector lanes
+    assert torch.equal(ext.argmax_rows(x), x.argmax(dim=-1))
+    assert torch.equal(ext.argmax_rows(x[:, :100]), x[:, :100].argmax(dim=-1))  # strided rows
