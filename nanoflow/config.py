@@ -18,6 +18,7 @@ class EngineConfig:
     admission_control: bool = True
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
+    cpp_kernels: bool = True  # C++ CPU kernels (decode attention, fused norm/rope/silu, argmax); off: pure torch
 
     def __post_init__(self) -> None:
         for name in ("dense_batch", "max_num_seqs", "block_size"):
@@ -42,6 +43,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-admission-control", dest="admission_control", action="store_false")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--num-threads", type=int, default=None)
+    g.add_argument("--no-cpp-kernels", dest="cpp_kernels", action="store_false",
+                   help="pure-torch CPU path (ablation; also NANOFLOW_NO_CPP=1)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

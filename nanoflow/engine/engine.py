@@ -10,6 +10,7 @@ from nanoflow.config import EngineConfig
 from nanoflow.engine.request import Request
 from nanoflow.engine.runner import ModelRunner, kv_cache_blocks
 from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
+from nanoflow.kernels import cpu_ext
 from nanoflow.models.loader import build_model, load_config, parse_dtype, resolve_model
 from nanoflow.outputs import CompletionOutput, RequestOutput
 from nanoflow.sampling_params import SamplingParams
@@ -38,6 +39,8 @@ class LLMEngine:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        if not config.cpp_kernels:  # process-wide: the kernels are module-level functions
+            cpu_ext.set_enabled(False)
         src = resolve_model(config.model)
         self.dtype = parse_dtype(config.dtype)
         self.model_config = load_config(src)
