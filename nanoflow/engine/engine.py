@@ -39,8 +39,7 @@ class LLMEngine:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        if not config.cpp_kernels:  # process-wide: the kernels are module-level functions
-            cpu_ext.set_enabled(False)
+        cpu_ext.set_enabled(config.cpp_kernels)
         src = resolve_model(config.model)
         self.dtype = parse_dtype(config.dtype)
         self.model_config = load_config(src)

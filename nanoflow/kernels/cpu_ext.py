@@ -13,12 +13,14 @@ import os
 log = logging.getLogger(__name__)
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _SOURCES = [os.path.join(_CSRC, f) for f in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp")]
-_enabled = os.environ.get("NANOFLOW_NO_CPP") != "1"
+_env_off = os.environ.get("NANOFLOW_NO_CPP") == "1"
+_enabled = not _env_off
 
 
 def set_enabled(flag: bool) -> None:
+    """Process-wide (the kernels are module-level functions); the environment switch always wins."""
     global _enabled
-    _enabled = flag
+    _enabled = flag and not _env_off
 
 
 def enabled() -> bool:
