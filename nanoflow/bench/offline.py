@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from dataclasses import asdict
 
+from nanoflow import profiling
+from nanoflow.bench.report import print_breakdown
 from nanoflow.bench.workloads import BenchRequest, sample_workload, throughput_metrics
+from nanoflow.profiling import breakdown
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,19 +26,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--llamacpp-parallel", type=int, default=64)
     g.add_argument("--peak-seconds", type=float, default=1.0, help="GEMM peak measurement time")
     g.add_argument("--json", default=None, help="write results to this file")
+    g.add_argument("--profile", action="store_true",
+                   help="run ours under torch.profiler and print where the time goes")
 
 
-def run_ours(llm, requests: list[BenchRequest]) -> dict:
+def run_ours(llm, requests: list[BenchRequest], profile: bool = False) -> dict:
     from nanoflow import SamplingParams
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
     llm.generate([requests[0].prompt_token_ids[:8]], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
-    start = time.perf_counter()
-    outs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=True)
-    elapsed = time.perf_counter() - start
+    with _maybe_profile(profile) as prof:
+        start = time.perf_counter()
+        outs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=True)
+        elapsed = time.perf_counter() - start
+    if profile:
+        print_breakdown(breakdown(prof, elapsed), f"where the time goes ({elapsed:.1f} s wall, profiled run)")
     assert all(len(o.outputs[0].token_ids) == r.output_len for o, r in zip(outs, requests)), "lost tokens"
     stats = llm.engine.stats
     return {**throughput_metrics(requests, elapsed), "preemptions": llm.engine.scheduler.num_preemptions,
             "steps": stats.num_steps}
+
+
+@contextlib.contextmanager
+def _maybe_profile(on: bool):
+    if not on:
+        yield None
+        return
+    from torch.profiler import ProfilerActivity, profile
+    profiling.set_active(True)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            yield prof
+    finally:
+        profiling.set_active(False)
 
 
 def optimum(cfg, dtype, dense_batch: int, seconds: float) -> tuple[float, float]:
@@ -74,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     requests = sample_workload(args.workload, args.num_requests, args.workload_seed,
                                llm.model_config.vocab_size, llm.engine.max_model_len, args.max_input, args.max_output)
     peak, best = optimum(llm.model_config, llm.engine.dtype, args.dense_batch, args.peak_seconds)
-    rows = [{"system": f"nanoflow ({args.dtype})", **run_ours(llm, requests)}]
+    rows = [{"system": f"nanoflow ({args.dtype})", **run_ours(llm, requests, args.profile)}]
     rows += run_peers(args, llm, requests)
     for r in rows:
         r["pct_of_optimal"] = 100.0 * r["total_tokens_per_s"] / best

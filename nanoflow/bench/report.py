@@ -44,6 +44,16 @@ def print_summary(rows: list[dict], title: str, console: Console | None = None) 
     console.print(table)
 
 
+def print_breakdown(rows: list[tuple[str, float, float]], title: str) -> None:
+    """(part, seconds, % of wall) rows from nanoflow.profiling.breakdown."""
+    table = Table(title=title)
+    for header in ("part", "seconds", "% of wall"):
+        table.add_column(header, justify="left" if header == "part" else "right")
+    for name, secs, pct in rows:
+        table.add_row(name, f"{secs:.2f}", f"{pct:.1f}%")
+    Console(width=max(Console().width, 150)).print(table)
+
+
 def write_json(path: str, payload: Any) -> None:
     """Write results as indented JSON, creating parent folders; non-JSON values (dtypes) become strings."""
     parent = os.path.dirname(path)

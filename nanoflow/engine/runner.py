@@ -9,6 +9,7 @@ from nanoflow.engine.sampler import SampleResult, Sampler
 from nanoflow.engine.scheduler import ScheduledBatch
 from nanoflow.kernels.attention import AttentionMetadata, PrefillChunk
 from nanoflow.models.config import ModelConfig
+from nanoflow.profiling import region
 
 
 @dataclass
@@ -72,9 +73,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list, SampleResult | None]:
         """Run one step; returns the requests that sampled and what they sampled."""
-        inp = self.prepare(batch)
+        with region("nanoflow::prepare inputs"):
+            inp = self.prepare(batch)
         hidden = self.model(inp.input_ids, inp.positions, inp.meta, self.kv_caches)
         if not inp.sample_reqs:
             return [], None
         logits = self.model.compute_logits(hidden[inp.sample_rows])
-        return inp.sample_reqs, self.sampler(logits, inp.sample_reqs)
+        with region("nanoflow::sampling"):
+            return inp.sample_reqs, self.sampler(logits, inp.sample_reqs)

@@ -10,6 +10,8 @@ import functools
 import logging
 import os
 
+from nanoflow import profiling
+
 log = logging.getLogger(__name__)
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _SOURCES = [os.path.join(_CSRC, f) for f in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp")]
@@ -28,8 +30,23 @@ def enabled() -> bool:
 
 
 def get():
-    """The compiled module when C++ kernels are on and buildable, else None (use the torch path)."""
-    return load() if _enabled else None
+    """The compiled module when C++ kernels are on and buildable, else None (use the torch path).
+    While profiling, each kernel call is a labelled range (pybind calls are invisible to the profiler)."""
+    ext = load() if _enabled else None
+    return _Labelled(ext) if ext is not None and profiling._active else ext
+
+
+class _Labelled:
+    def __init__(self, ext) -> None:
+        self._ext = ext
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._ext, name)
+
+        def call(*args):
+            with profiling.region(f"nanoflow::{name} (C++)"):
+                return fn(*args)
+        return call
 
 
 @functools.lru_cache(maxsize=1)
