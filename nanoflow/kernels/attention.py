@@ -40,13 +40,43 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 def paged_attention(q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: this step's [T, Hkv, D] (already written to the cache)."""
     out = torch.empty_like(q)
+    attend_decode(out, q, kv_cache, meta, scale)
+    attend_prefill(out, q, k, v, kv_cache, meta, scale)
+    return out
+
+
+def attend_decode(out, q, kv_cache, meta: AttentionMetadata, scale: float) -> None:
+    """The decode rows of `out` (NanoFlow's memory-bound operation)."""
     nd = meta.num_decode
     if nd:
         out[:nd] = decode_attention(q[:nd], kv_cache, meta.decode_block_tables,
                                     meta.decode_context_lens, meta.decode_max_len, scale)
+
+
+def attend_prefill(out, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> None:
+    """The prefill rows of `out` (compute-bound)."""
     for p in meta.prefills:
         rows = slice(p.q_start, p.q_start + p.q_len)
         out[rows] = prefill_attention(q[rows], k[rows], v[rows], kv_cache, p, scale)
+
+
+def slice_metadata(meta: AttentionMetadata, start: int, end: int) -> AttentionMetadata:
+    """The metadata of token rows [start, end) of the step, rows renumbered from 0 (a nano-batch).
+
+    Decode rows come first, so a range holds a run of decode requests and parts of prefill chunks. A
+    partial chunk becomes a chunk of its own whose prefix includes the chunk's earlier tokens: their KV
+    must already be in the cache (the nano-op dependency rule for attention)."""
+    nd = max(0, min(end, meta.num_decode) - start)
+    out = AttentionMetadata(meta.slot_mapping[start:end], nd)
+    if nd:
+        rows = slice(start, start + nd)
+        out.decode_block_tables = meta.decode_block_tables[rows]
+        out.decode_context_lens = meta.decode_context_lens[rows]
+        out.decode_max_len = meta.decode_max_len  # an upper bound is enough (the torch path's gather width)
+    for p in meta.prefills:
+        s, e = max(start, p.q_start), min(end, p.q_start + p.q_len)
+        if s < e:
+            out.prefills.append(PrefillChunk(s - start, e - s, p.ctx_len - (p.q_start + p.q_len - e), p.block_table))
     return out
 
 

@@ -45,6 +45,11 @@ class RopeInputs:
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
 
+    def rows(self, start: int, end: int) -> "RopeInputs":
+        """The inputs of token rows [start, end) (a nano-batch)."""
+        cut = (lambda t: None if t is None else t[start:end])
+        return RopeInputs(self.positions[start:end], cut(self.cos), cut(self.sin))
+
 
 class RotaryEmbedding(nn.Module):
     """Default (unscaled) RoPE with a precomputed cos/sin table indexed by position."""

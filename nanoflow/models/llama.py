@@ -13,6 +13,9 @@ from nanoflow.models.layers import Linear, RMSNorm, RopeInputs, RotaryEmbedding,
 
 
 class Attention(nn.Module):
+    """The attention half of a layer. The steps are separate methods because NanoFlow runs each one as its
+    own operation on token ranges (`nanoflow/flow/ops.py`); `forward` chains them on the whole batch."""
+
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.cfg = cfg
@@ -21,16 +24,24 @@ class Attention(nn.Module):
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size)
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x, rope: RopeInputs, meta: AttentionMetadata, kv_cache):
+    def split(self, qkv: torch.Tensor):
+        """Views q [n, Hq, D], k and v [n, Hkv, D] of the fused projection's output."""
         c = self.cfg
-        qkv = self.qkv_proj(x)
-        n = qkv.shape[0]
-        # Rotate q and k heads in one pass, in place: they are adjacent columns of the fused projection.
+        return (t.view(qkv.shape[0], -1, c.head_dim) for t in qkv.split([c.q_size, c.kv_size, c.kv_size], dim=1))
+
+    def rope_append(self, qkv: torch.Tensor, rope: RopeInputs, slot_mapping: torch.Tensor, kv_cache) -> None:
+        """Rotate q and k in place (adjacent columns of the fused projection), then write K/V to the cache."""
+        c = self.cfg
         self.rotary[0].apply_(qkv, c.num_heads + c.num_kv_heads, c.head_dim, rope)
-        q, k, v = (t.view(n, -1, c.head_dim) for t in qkv.split([c.q_size, c.kv_size, c.kv_size], dim=1))
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+        _, k, v = self.split(qkv)
+        write_kv(kv_cache, k, v, slot_mapping)
+
+    def forward(self, x, rope: RopeInputs, meta: AttentionMetadata, kv_cache):
+        qkv = self.qkv_proj(x)
+        self.rope_append(qkv, rope, meta.slot_mapping, kv_cache)
+        q, k, v = self.split(qkv)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(-1, c.q_size))
+        return self.o_proj(out.reshape(-1, self.cfg.q_size))
 
 
 class MLP(nn.Module):
@@ -39,8 +50,12 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
+    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused gate/up GEMM and silu(gate) * up."""
+        return silu_and_mul(self.gate_up_proj(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up(x))
 
 
 class DecoderLayer(nn.Module):
@@ -51,12 +66,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, residual, rope: RopeInputs, meta, kv_cache):
+    def attn_norm(self, x, residual):
+        """(normed, residual); the first layer's residual is its input."""
         if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
+            return self.input_layernorm(x), x
+        return self.input_layernorm(x, residual)
+
+    def forward(self, x, residual, rope: RopeInputs, meta, kv_cache):
+        x, residual = self.attn_norm(x, residual)
         x = self.self_attn(x, rope, meta, kv_cache)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
