@@ -1,0 +1,86 @@
+"""The whole step in one CUDA graph: capture per step shape (`cuda_units.GraphKey`), then copy inputs into
+static buffers and replay. Multi-stream capture works because `CudaUnits.run` forks from and joins back into
+the capturing stream (PyTorch's "usage with multiple streams" rules); one launch then replaces the Python
+launch loop over every nano-op of every layer.
+
+NOT RUN ON A GPU in this project (no device was available); the keying and cache policy are unit-tested.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nanoflow.flow.cuda_units import GraphCache, GraphKey, graph_key
+from nanoflow.kernels.attention import AttentionMetadata, PrefillChunk
+
+
+@dataclass
+class _Captured:
+    graph: "torch.cuda.CUDAGraph"
+    ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata  # static tensors inside
+    out: torch.Tensor
+
+    def load(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
+        self.ids.copy_(ids, non_blocking=True)
+        self.positions.copy_(positions, non_blocking=True)
+        self.meta.slot_mapping.copy_(meta.slot_mapping, non_blocking=True)
+        if meta.num_decode:
+            w = meta.decode_block_tables.shape[1]
+            self.meta.decode_block_tables.zero_()
+            self.meta.decode_block_tables[:, :w].copy_(meta.decode_block_tables, non_blocking=True)
+            self.meta.decode_context_lens.copy_(meta.decode_context_lens, non_blocking=True)
+        for mine, theirs in zip(self.meta.prefills, meta.prefills):
+            mine.block_table.copy_(theirs.block_table, non_blocking=True)
+
+
+def _static_meta(meta: AttentionMetadata, key: GraphKey, block_size: int, device) -> AttentionMetadata:
+    """Device copies of the metadata with the key's static shapes (decode tables padded to key width)."""
+    out = AttentionMetadata(meta.slot_mapping.to(device).clone(), meta.num_decode)
+    if meta.num_decode:
+        out.decode_block_tables = torch.zeros(meta.num_decode, key.decode_width, dtype=torch.long, device=device)
+        out.decode_context_lens = meta.decode_context_lens.to(device).clone()
+        out.decode_max_len = key.decode_width * block_size  # upper bound: the torch path gathers this width
+    out.prefills = [PrefillChunk(p.q_start, p.q_len, p.ctx_len, p.block_table.to(device).clone())
+                    for p in meta.prefills]
+    return out
+
+
+class GraphedStep:
+    """Wraps an executor (`executor(input_ids, positions, meta, kv_caches) -> hidden`) with CUDA-graph replay."""
+
+    def __init__(self, executor, plan_id: str, block_size: int, capacity: int = 16) -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA graphs need a GPU (torch.cuda.is_available() is False)")
+        self.executor, self.plan_id, self.block_size = executor, plan_id, block_size
+        self.cache = GraphCache(capacity)
+        self.pool = torch.cuda.graph_pool_handle()  # graphs replay one at a time: one memory pool
+
+    def key(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> GraphKey:
+        width = 0 if meta.decode_block_tables is None else meta.decode_block_tables.shape[1]
+        return graph_key(self.plan_id, input_ids.shape[0], meta.num_decode, meta.prefills, width)
+
+    def __call__(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
+        key = self.key(input_ids, meta)
+        entry = self.cache.get(key)
+        if entry is None:
+            if not self.cache.should_capture(key):  # first sight: eager (also warms up kernels / Triton JIT)
+                return self.executor(input_ids, positions, meta, kv_caches)
+            entry = self._capture(key, input_ids, positions, meta, kv_caches)
+            self.cache.put(key, entry)
+        entry.load(input_ids, positions, meta)
+        entry.graph.replay()
+        return entry.out
+
+    def _capture(self, key, input_ids, positions, meta, kv_caches) -> _Captured:
+        dev = kv_caches[0].device
+        ids, pos = input_ids.to(dev).clone(), positions.to(dev).clone()
+        smeta = _static_meta(meta, key, self.block_size, dev)
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(dev)
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.executor(ids, pos, smeta, kv_caches)
+        entry = _Captured(graph, ids, pos, smeta, out)
+        return entry

@@ -1,0 +1,335 @@
+"""CUDA execution units: one stream per unit, cross-stream events, SM partitions, one CUDA graph per step shape.
+
+How a unit's share becomes SMs (best first; `NANOFLOW_SM_PARTITION=driver|torch|soft|none` forces one):
+  driver  green contexts through `cuda.bindings` (cuDevSmResourceSplitByCount -> cuGreenCtxCreate ->
+          cuGreenCtxStreamCreate -> torch.cuda.get_stream_from_external): disjoint partitions, real SM counts.
+  torch   `torch.cuda.green_contexts.GreenContext.create(num_sms).Stream()` (torch >= 2.11): separate
+          create() calls may land on the same SMs and the granted count cannot be read (docs/gpu-notes.md).
+  soft    plain streams; GEMMs run as the SM-limited persistent Triton kernel with `num_sms` programs and decode
+          attention with a bounded grid (`kernels/triton_*.py`): the block scheduler may still share SMs.
+  none    plain streams, every kernel on the whole device.
+Hopper rounds green-context SM counts up to multiples of 8 (minimum 8). Nothing here runs at import: the
+module imports on a CPU-only machine, and `CudaUnits` raises a clear error there.
+
+NOT RUN ON A GPU: everything below the pure-Python helpers (partition arithmetic, graph keys) was written
+against the documented APIs and has never executed on a CUDA device in this project.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Hashable
+
+import torch
+
+log = logging.getLogger(__name__)
+MECHANISMS = ("driver", "torch", "soft", "none")
+
+
+# ---------------------------------------------------------------- pure arithmetic (unit-tested on CPU)
+def arch_constraints(major: int, minor: int = 0) -> tuple[int, int]:
+    """(minimum SMs, granularity) of a green-context SM split (CUDA driver docs, cuDevSmResourceSplitByCount)."""
+    if major >= 9:
+        return 8, 8
+    if major == 8:
+        return 4, 2
+    if major == 7:
+        return 2, 2
+    return 1, 1
+
+
+def sm_count_for_share(share: float, total_sms: int, min_count: int = 8, granularity: int = 8) -> int:
+    """SMs for a share of the device: nearest multiple of the granularity, at least `min_count`, at most the
+    largest multiple that fits (132 SMs on an H100 -> 128)."""
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    top = max(min_count, total_sms // granularity * granularity)
+    n = int(share * total_sms / granularity + 0.5) * granularity
+    return min(top, max(min_count, n))
+
+
+def partition_sms(shares: dict[str, float], total_sms: int, min_count: int = 8,
+                  granularity: int = 8) -> dict[str, int] | None:
+    """Disjoint SM counts per unit, or None when no partition is wanted (one unit, or shares adding up to
+    more than the device: those units never run at the same time and each gets the whole device).
+
+    The unit with the largest share takes the remainder, as the driver's split returns it (132 = 24 + 108)."""
+    if len(shares) < 2 or sum(shares.values()) > 1 + 1e-9:
+        return None
+    big = max(shares, key=lambda u: (shares[u], u))
+    counts = {u: sm_count_for_share(s, total_sms, min_count, granularity) for u, s in shares.items() if u != big}
+    while sum(counts.values()) > total_sms - min_count:  # leave the big unit at least one group
+        u = max(counts, key=lambda k: counts[k])
+        if counts[u] <= min_count:
+            raise ValueError(f"{len(shares)} units do not fit in {total_sms} SMs at {min_count} SMs each")
+        counts[u] -= granularity
+    counts[big] = total_sms - sum(counts.values())
+    return counts
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    """What a captured step depends on: the plan, the (padded) token count and the decode/prefill layout.
+
+    Decode attention reads context lengths from a tensor (the Triton kernel), so decode lengths are not part
+    of the key; prefill chunks unroll into per-chunk kernels, so their shapes are."""
+    plan: str
+    num_tokens: int
+    num_decode: int
+    prefill: tuple[tuple[int, int], ...]  # (q_len, ctx_len) per chunk
+    decode_width: int  # block-table width (static buffer shape)
+
+
+def graph_key(plan_id: str, num_tokens: int, num_decode: int, prefills, decode_width: int) -> GraphKey:
+    """Key of a step's graph. The decode block-table width is padded to a multiple of 8 blocks (the static
+    table is zero-filled beyond a request's pages), so growing contexts reuse one graph for 8 blocks."""
+    return GraphKey(plan_id, num_tokens, num_decode, tuple((p.q_len, p.ctx_len) for p in prefills),
+                    -(-decode_width // 8) * 8)
+
+
+class GraphCache:
+    """LRU of captured CUDA graphs (each with its static buffers); capture happens on a key's second sight,
+    so one-off shapes (a rare prefill layout) run eagerly instead of paying a capture."""
+
+    def __init__(self, capacity: int = 16) -> None:
+        self.capacity = capacity
+        self.graphs: OrderedDict[Hashable, object] = OrderedDict()
+        self.seen: set[Hashable] = set()
+
+    def get(self, key: Hashable):
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+            return self.graphs[key]
+        return None
+
+    def should_capture(self, key: Hashable) -> bool:
+        if key in self.seen:
+            return True
+        self.seen.add(key)
+        return False
+
+    def put(self, key: Hashable, graph) -> None:
+        self.graphs[key] = graph
+        while len(self.graphs) > self.capacity:
+            self.graphs.popitem(last=False)
+
+
+# ---------------------------------------------------------------- device side (needs CUDA)
+def cuda_unavailable_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return f"CUDA is not available (torch {torch.__version__}, built for CUDA: {torch.version.cuda})"
+    return None
+
+
+def _check(result):
+    """cuda.bindings calls return (CUresult, values...); raise on an error."""
+    err, *rest = result
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA driver error {err}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+def driver_green_streams(counts: dict[str, int], device: torch.device) -> tuple[dict, dict[str, int]]:
+    """Disjoint green contexts via cuda.bindings; returns (unit -> torch stream, unit -> granted SMs)."""
+    from cuda.bindings import driver  # optional: preinstalled on the GPU machines, absent on CPU
+    dev = _check(driver.cuDeviceGet(device.index or 0))
+    res = _check(driver.cuDeviceGetDevResource(dev, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
+    big = max(counts, key=lambda u: counts[u])
+    streams, granted, ctxs = {}, {}, []
+    for unit in [u for u in counts if u != big] + [big]:
+        if unit == big:
+            group = res  # the remainder of all previous splits
+        else:
+            groups, _n, rest = _check(driver.cuDevSmResourceSplitByCount(1, res, 0, counts[unit]))
+            group = groups[0]
+            # A split's remainder cannot be split again directly: make a context of it and re-query it.
+            rest_ctx = _green_ctx(driver, dev, rest)
+            ctxs.append(rest_ctx)
+            res = _check(driver.cuGreenCtxGetDevResource(rest_ctx, driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
+        ctx = _green_ctx(driver, dev, group)
+        ctxs.append(ctx)
+        raw = _check(driver.cuGreenCtxStreamCreate(ctx, driver.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
+        streams[unit] = torch.cuda.get_stream_from_external(int(raw), device)
+        granted[unit] = int(group.sm.smCount)
+    _KEEP_ALIVE.extend(ctxs)  # contexts live as long as the process (streams refer to them)
+    return streams, granted
+
+
+_KEEP_ALIVE: list = []
+
+
+def _green_ctx(driver, dev, resource):
+    desc = _check(driver.cuDevResourceGenerateDesc([resource], 1))
+    return _check(driver.cuGreenCtxCreate(desc, dev, driver.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
+
+
+def torch_green_streams(counts: dict[str, int], device: torch.device) -> tuple[dict, dict[str, int]]:
+    from torch.cuda.green_contexts import SUPPORTED, GreenContext
+    if not SUPPORTED or not hasattr(GreenContext, "Stream"):
+        raise RuntimeError(f"torch {torch.__version__} has no GreenContext.Stream() (needs >= 2.11, CUDA build)")
+    streams = {}
+    for unit, n in counts.items():
+        try:
+            g = GreenContext.create(num_sms=n, device_id=device.index or 0)
+        except TypeError:  # torch 2.10/2.11 take positional arguments
+            g = GreenContext.create(n, device.index or 0)
+        _KEEP_ALIVE.append(g)
+        streams[unit] = g.Stream()
+    log.warning("torch green contexts: partitions of separate create() calls may overlap; counts are requests")
+    return streams, dict(counts)
+
+
+def issue_sequence(program) -> list[tuple[int, int]]:
+    """(unit, position) of every task in one order that respects each unit's order and every dependency:
+    a single CPU thread launches all kernels asynchronously, so it must issue a task after those it waits
+    for (their events must be recorded first). Round-robin over units keeps their queues fed evenly."""
+    n = [len(ts) for ts in program.tasks]
+    heads, out, u = [0] * len(n), [], 0
+    while len(out) < sum(n):
+        for k in range(len(n)):
+            v = (u + k) % len(n)
+            if heads[v] < n[v] and all(heads[du] > dp for du, dp in program.tasks[v][heads[v]].deps):
+                out.append((v, heads[v]))
+                heads[v] += 1
+                u = (v + 1) % len(n)
+                break
+        else:
+            raise RuntimeError("program deadlocks: no unit can issue its next task (validate the plan)")
+    return out
+
+
+class CudaUnits:
+    """The ExecutionUnits backend for a GPU (same interface as cpu_units.CpuUnits): one stream per unit,
+    partitioned by SM share (see the module docstring)."""
+
+    def __init__(self, units, device: str | torch.device = "cuda", mechanism: str | None = None) -> None:
+        reason = cuda_unavailable_reason()
+        if reason:
+            raise RuntimeError(f"CUDA execution units need a GPU: {reason}. Run on the CPU executor instead.")
+        self.names = [u.name for u in units]
+        shares = {u.name: u.share for u in units}
+        self.device = torch.device(device)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        props = torch.cuda.get_device_properties(self.device)
+        self.total_sms = props.multi_processor_count
+        self.min_sms, self.granularity = arch_constraints(props.major, props.minor)
+        counts = partition_sms(shares, self.total_sms, self.min_sms, self.granularity)
+        wanted = mechanism or os.environ.get("NANOFLOW_SM_PARTITION") or "auto"
+        if wanted not in MECHANISMS + ("auto",):
+            raise ValueError(f"NANOFLOW_SM_PARTITION={wanted!r}: choose auto or one of {', '.join(MECHANISMS)}")
+        self.mechanism, self.streams, self.sm_counts = self._make_streams(shares, counts, wanted)
+        log.info("CUDA units: %s partition, SMs %s of %d", self.mechanism, self.sm_counts, self.total_sms)
+
+    def _make_streams(self, shares, counts, wanted: str):
+        plain = (lambda: {u: torch.cuda.Stream(self.device) for u in shares})
+        if counts is None or wanted == "none":
+            return "none", plain(), {u: self.total_sms for u in shares}
+        tried = []
+        for mech, make in (("driver", driver_green_streams), ("torch", torch_green_streams)):
+            if wanted not in ("auto", mech):
+                continue
+            try:
+                streams, granted = make(counts, self.device)
+                return mech, streams, granted
+            except Exception as e:  # missing package, old driver, sandbox: say why and fall back
+                tried.append(f"{mech}: {type(e).__name__}: {e}")
+        if tried:
+            log.warning("green contexts unavailable (%s); falling back to SM-limited Triton kernels",
+                        "; ".join(tried))
+        return "soft", plain(), dict(counts)
+
+    def sm_budget(self, unit: str) -> int | None:
+        """Programs an SM-limited kernel of this unit may launch (soft mode only; None: no limit needed)."""
+        return self.sm_counts[unit] if self.mechanism == "soft" else None
+
+    def run_op(self, model, task, state, start: int, end: int) -> None:
+        """The op runner executors should call for a task on these units: SM-limited kernels in soft mode."""
+        run_op_limited(model, task.layer, task.op, state, start, end, self.sm_budget(self.names[task.unit]))
+
+    def run(self, program, fn, trace: list | None = None, num_tokens: int = 0) -> None:
+        """Launch every unit's tasks on its stream; cross-unit dependencies become CUDA events. Forks from
+        and joins back into the current stream, so a whole step can be captured in a CUDA graph."""
+        current = torch.cuda.current_stream(self.device)
+        fork = torch.cuda.Event(enable_timing=trace is not None)
+        fork.record(current)
+        streams = [self.streams[n] for n in self.names]
+        for s in streams:
+            s.wait_event(fork)
+        done: dict[tuple[int, int], torch.cuda.Event] = {}
+        timing = []
+        for u, p in issue_sequence(program):
+            task, stream = program.tasks[u][p], streams[u]
+            for dep in task.deps:
+                stream.wait_event(done[dep])
+            begin = None
+            if trace is not None:
+                begin = torch.cuda.Event(enable_timing=True)
+                begin.record(stream)
+            with torch.cuda.stream(stream):
+                fn(task)
+            ev = torch.cuda.Event(enable_timing=trace is not None)
+            ev.record(stream)
+            done[(u, p)] = ev
+            timing.append((u, task, begin, ev))
+        for s in streams:
+            current.wait_stream(s)
+        if trace is not None:  # GPU times relative to the fork, on the host clock of the launch
+            t_host = time.perf_counter()
+            fork.synchronize()
+            for u, task, begin, ev in timing:
+                ev.synchronize()
+                trace.append((self.names[u], task, t_host + fork.elapsed_time(begin) / 1e3,
+                              t_host + fork.elapsed_time(ev) / 1e3))
+
+    def close(self) -> None:
+        for s in self.streams.values():
+            s.synchronize()
+
+
+# ---------------------------------------------------------------- soft partition: SM-limited kernels
+_GEMMS = {"qkv": ("self_attn", "qkv_proj", "hidden", "qkv"), "o_proj": ("self_attn", "o_proj", "attn_out", "hidden"),
+          "down": ("mlp", "down_proj", "act", "hidden")}
+
+
+def run_op_limited(model, layer_idx: int, op: str, state, start: int, end: int, num_sms: int | None) -> None:
+    """`flow.ops.run_op` with GEMMs and decode attention on at most `num_sms` programs (soft SM partition);
+    other ops, or `num_sms=None`, run the normal path."""
+    from nanoflow.flow.ops import run_op
+    from nanoflow.kernels.triton_attention import paged_decode_attention
+    from nanoflow.kernels.triton_gemm import persistent_linear
+    from nanoflow.models.layers import silu_and_mul
+    if num_sms is None or start >= end or op not in (*_GEMMS, "gate_up", "decode_attn"):
+        return run_op(model, layer_idx, op, state, start, end)
+    layer = model.layers[layer_idx]
+    if op == "decode_attn":
+        attn, (meta, _) = layer.self_attn, state.rows(start, end)
+        if meta.num_decode:
+            q, _, _ = attn.split(state.qkv[start:end])
+            out = state.attn_out[start:start + meta.num_decode].view(meta.num_decode, -1, attn.cfg.head_dim)
+            paged_decode_attention(q[:meta.num_decode], state.kv_caches[layer_idx], meta.decode_block_tables,
+                                   meta.decode_context_lens, attn.scale, num_programs=num_sms, out=out)
+        return
+    if op == "gate_up":
+        y = silu_and_mul(persistent_linear(state.hidden[start:end], layer.mlp.gate_up_proj.weight, num_sms))
+        return _put(state, "act", start, end, y)
+    parent, name, src, dst = _GEMMS[op]
+    lin = getattr(getattr(layer, parent), name)
+    x = getattr(state, src)[start:end]
+    if state.full(start, end):
+        y = persistent_linear(x, lin.weight, num_sms)
+    else:
+        y = persistent_linear(x, lin.weight, num_sms, out=getattr(state, dst)[start:end])
+    if lin.bias is not None:
+        y += lin.bias
+    _put(state, dst, start, end, y)
+
+
+def _put(state, name: str, start: int, end: int, value: torch.Tensor) -> None:
+    if state.full(start, end):
+        setattr(state, name, value)
+    elif value.data_ptr() != getattr(state, name)[start:end].data_ptr():
+        getattr(state, name)[start:end].copy_(value)

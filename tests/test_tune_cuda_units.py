@@ -1,0 +1,125 @@
+"""CUDA execution units, the parts that run without a GPU: SM partition arithmetic, graph keys and cache,
+issue order, clean failure on a CPU, and the soft-partition op runner under TRITON_INTERPRET=1."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the SM-limited Triton kernels then run on CPU tensors
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from nanoflow.flow import cuda_units as cu  # noqa: E402
+from nanoflow.kernels.attention import PrefillChunk  # noqa: E402
+
+
+def test_arch_constraints():
+    assert cu.arch_constraints(9, 0) == (8, 8)  # Hopper: multiples of 8, minimum 8
+    assert cu.arch_constraints(10, 0) == (8, 8)
+    assert cu.arch_constraints(8, 0) == (4, 2)
+
+
+@pytest.mark.parametrize("share,sms", [(0.2, 24), (0.01, 8), (0.5, 64), (1.0, 128), (0.97, 128), (0.3, 40)])
+def test_share_to_sm_count_on_h100(share, sms):
+    assert cu.sm_count_for_share(share, 132) == sms
+
+
+def test_share_to_sm_count_rejects_bad_shares():
+    with pytest.raises(ValueError, match="share"):
+        cu.sm_count_for_share(0.0, 132)
+    with pytest.raises(ValueError, match="share"):
+        cu.sm_count_for_share(1.5, 132)
+
+
+def test_partition_gives_the_remainder_to_the_biggest_unit():
+    assert cu.partition_sms({"compute": 0.8, "memory": 0.2}, 132) == {"memory": 24, "compute": 108}
+    assert cu.partition_sms({"compute": 0.6, "memory": 0.2, "network": 0.2}, 132) == \
+        {"memory": 24, "network": 24, "compute": 84}
+    counts = cu.partition_sms({"a": 0.5, "b": 0.5}, 132)
+    assert sum(counts.values()) == 132 and all(c % 8 == 0 or c == max(counts.values()) for c in counts.values())
+
+
+def test_partition_not_wanted_for_one_unit_or_oversubscribed_shares():
+    assert cu.partition_sms({"main": 1.0}, 132) is None
+    assert cu.partition_sms({"compute": 1.0, "memory": 1.0}, 132) is None  # never concurrent: whole device each
+
+
+def test_partition_shrinks_small_units_to_fit():
+    counts = cu.partition_sms({"a": 0.34, "b": 0.33, "c": 0.33}, 24)
+    assert counts == {"b": 8, "c": 8, "a": 8}
+    with pytest.raises(ValueError, match="do not fit"):
+        cu.partition_sms({"a": 0.25, "b": 0.25, "c": 0.25, "d": 0.25}, 24)
+
+
+def test_graph_keys():
+    pf = [PrefillChunk(3, 5, 9, torch.zeros(1, dtype=torch.long))]
+    k1 = cu.graph_key("plan-a", 8, 3, pf, decode_width=3)
+    assert k1 == cu.graph_key("plan-a", 8, 3, pf, decode_width=7)  # widths pad to 8 blocks
+    assert k1 != cu.graph_key("plan-a", 8, 3, pf, decode_width=9)
+    assert k1 != cu.graph_key("plan-b", 8, 3, pf, decode_width=3)  # another plan: another graph
+    assert k1 != cu.graph_key("plan-a", 8, 4, [], decode_width=3)
+    assert k1.prefill == ((5, 9),)
+
+
+def test_graph_cache_captures_on_second_sight_and_evicts_lru():
+    c = cu.GraphCache(capacity=2)
+    assert not c.should_capture("a") and c.should_capture("a")
+    c.put("a", 1), c.put("b", 2)
+    assert c.get("a") == 1  # a is now most recent
+    c.put("c", 3)
+    assert c.get("b") is None and c.get("a") == 1 and c.get("c") == 3
+
+
+def test_issue_sequence_respects_orders_and_dependencies():
+    from nanoflow.flow.executor import compile_program
+    from nanoflow.flow.plan import overlap_plan
+    prog = compile_program(overlap_plan(None, 64), num_layers=2)
+    seq = cu.issue_sequence(prog)
+    pos = {t: i for i, t in enumerate(seq)}
+    assert len(seq) == sum(len(ts) for ts in prog.tasks)
+    for u, ts in enumerate(prog.tasks):
+        assert [p for v, p in seq if v == u] == list(range(len(ts)))
+        for p, task in enumerate(ts):
+            assert all(pos[d] < pos[(u, p)] for d in task.deps)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_cuda_units_fail_clearly_without_a_gpu():
+    from nanoflow.flow.plan import Unit
+    with pytest.raises(RuntimeError, match="need a GPU"):
+        cu.CudaUnits([Unit("compute", ["compute"], 0.5), Unit("memory", ["memory"], 0.5)])
+
+
+def _tiny_model():
+    from nanoflow.models.config import ModelConfig
+    from nanoflow.models.llama import LlamaForCausalLM
+    cfg = ModelConfig("llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    for p in model.parameters():
+        p.requires_grad_(False).normal_(0, 0.2)
+    return model
+
+
+@torch.inference_mode()
+def test_soft_partition_ops_match_the_normal_path():
+    pytest.importorskip("triton", reason="triton is not installed")
+    from nanoflow.flow.ops import StepState, run_op
+    from nanoflow.kernels.attention import AttentionMetadata
+    model, bs = _tiny_model(), 8
+    lens = [5, 12, 1]  # three decode tokens with contexts in a paged cache
+    tables = torch.tensor([[0, 1], [2, 3], [4, 0]])
+    meta = AttentionMetadata(slot_mapping=torch.tensor([4, 8 * 3 + 3, 8 * 4]), num_decode=3,
+                             decode_block_tables=tables, decode_context_lens=torch.tensor(lens), decode_max_len=12)
+    outs = []
+    for limited in (False, True):
+        kv = [torch.randn(2, 6, bs, 2, 8, generator=torch.Generator().manual_seed(1))]
+        state = StepState(model, torch.tensor([3, 7, 9]), torch.tensor([4, 11, 0]), meta, kv, split=True)
+        for op in ("attn_norm", "qkv", "rope_append", "decode_attn", "prefill_attn", "o_proj", "ffn_norm",
+                   "gate_up", "down"):
+            for a, b in ((0, 2), (2, 3)):  # two nano-batches: partial ranges write rows in place
+                if limited:
+                    cu.run_op_limited(model, 0, op, state, a, b, num_sms=2)
+                else:
+                    run_op(model, 0, op, state, a, b)
+        outs.append(state.hidden.clone())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
