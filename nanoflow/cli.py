@@ -77,7 +77,8 @@ def cmd_chat(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nanoflow.bench import offline
+    from nanoflow.bench import offline, online
+    from nanoflow.server import launch
     from nanoflow import demo
     from nanoflow.tune import roofline
     parser = argparse.ArgumentParser(prog="nanoflow", description=__doc__)
@@ -102,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(p)
     offline.add_arguments(p)
     p.set_defaults(func=offline.run)
+    p = bench.add_parser("serve", help="online latency through a running server's HTTP API (Poisson arrivals)")
+    online.add_arguments(p)
+    p.set_defaults(func=online.run)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    add_engine_arguments(p)
+    launch.add_arguments(p)
+    p.set_defaults(func=launch.run)
     p = sub.add_parser("roofline", help="the paper's cost model and optimal throughput")
     roofline.add_arguments(p)
     p.set_defaults(func=roofline.run)

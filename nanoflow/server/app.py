@@ -1,7 +1,6 @@
 """FastAPI app factory, OpenAI-style error handling and the uvicorn runner behind `nanoflow serve`."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -53,7 +52,8 @@ def build_app(engine: LLMEngine, served_model_names: list[str] | None = None, ma
     async def models():
         return {"object": "list", "data": [
             {"id": n, "object": "model", "created": created, "owned_by": "nanoflow",
-             "max_model_len": engine.max_model_len, "root": engine.config.model} for n in names]}
+             "max_model_len": engine.max_model_len, "vocab_size": engine.model_config.vocab_size,
+             "root": engine.config.model} for n in names]}
 
     @app.get("/health")
     async def health():
@@ -140,28 +140,7 @@ def _default_name(model: str) -> str:
     return model if model in ("default",) or model.startswith("dummy:") else os.path.basename(model.rstrip("/"))
 
 
-# ---- running ----
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1")
-    g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--served-model-name", action="append", default=None,
-                   help="name(s) clients use in `model` (default: the --model value or file name)")
-    g.add_argument("--max-waiting", type=int, default=256,
-                   help="waiting-queue bound; further requests get 429 until it drains")
-    g.add_argument("--log-level", default="info")
-
-
-def run(args: argparse.Namespace) -> int:
-    from nanoflow.config import engine_config_from_args
-    if args.max_waiting < 1:
-        raise ValueError("--max-waiting must be at least 1")
-    engine = LLMEngine(engine_config_from_args(args))
-    app = build_app(engine, args.served_model_name, args.max_waiting)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
-    return 0
-
-
+# ---- running in-process ----
 class ServerThread:
     """A real uvicorn server on a background thread (tests, benchmarks): `with ServerThread(app) as url:`."""
 

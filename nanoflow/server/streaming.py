@@ -49,8 +49,8 @@ class StreamState:
             end = len(o.text) if finished else max(self.sent_text[idx], len(o.text) - self.holdback)
             delta = o.text[self.sent_text[idx]:end]
             new_lp = (o.logprobs or [])[self.sent_tokens[idx]:]
-            if not (delta or new_lp or finished):
-                continue
+            if not (delta or len(o.token_ids) > self.sent_tokens[idx] or finished):
+                continue  # one chunk per step with new tokens, even if their text is still held back
             self.sent_text[idx], self.sent_tokens[idx] = end, len(o.token_ids)
             self.done[idx] = finished
             chunks.append(self._chunk([self._choice(idx, delta, new_lp if o.logprobs is not None else None, o)]))

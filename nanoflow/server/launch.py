@@ -1,0 +1,29 @@
+"""`nanoflow serve`: arguments and the uvicorn runner (heavy imports only when it runs)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", action="append", default=None,
+                   help="name(s) clients use in `model` (default: the --model value or file name)")
+    g.add_argument("--max-waiting", type=int, default=256,
+                   help="waiting-queue bound; further requests get 429 until it drains")
+    g.add_argument("--log-level", default="info")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from nanoflow.config import engine_config_from_args
+    from nanoflow.engine.engine import LLMEngine
+    from nanoflow.server.app import build_app
+    if args.max_waiting < 1:
+        raise ValueError("--max-waiting must be at least 1")
+    engine = LLMEngine(engine_config_from_args(args))
+    app = build_app(engine, args.served_model_name, args.max_waiting)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
