@@ -19,6 +19,10 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     cpp_kernels: bool = True  # C++ CPU kernels (decode attention, fused norm/rope/silu, argmax); off: pure torch
+    prefix_caching: bool = True  # reuse cached full KV blocks across requests (off: --no-prefix-cache)
+    host_kv_cache_gb: float = 0.0  # host-memory KV tier for finished requests' blocks (0: off)
+    disk_kv_cache_gb: float = 0.0  # on-disk KV tier behind the host tier (0: off)
+    kv_cache_dir: str | None = None  # directory of the disk tier (default ~/.cache/nanoflow/kv)
 
     def __post_init__(self) -> None:
         for name in ("dense_batch", "max_num_seqs", "block_size"):
@@ -26,6 +30,11 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
+        for name in ("host_kv_cache_gb", "disk_kv_cache_gb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if (self.host_kv_cache_gb or self.disk_kv_cache_gb) and not self.prefix_caching:
+            raise ValueError("the host/disk KV tiers are keyed by prefix-cache hashes: they need prefix caching")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +54,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-threads", type=int, default=None)
     g.add_argument("--no-cpp-kernels", dest="cpp_kernels", action="store_false",
                    help="pure-torch CPU path (ablation; also NANOFLOW_NO_CPP=1)")
+    g.add_argument("--no-prefix-cache", dest="prefix_caching", action="store_false",
+                   help="do not reuse cached KV blocks of shared prompt prefixes")
+    g.add_argument("--host-kv-cache-gb", type=float, default=d.host_kv_cache_gb,
+                   help="host-memory tier for finished requests' KV blocks (0: off)")
+    g.add_argument("--disk-kv-cache-gb", type=float, default=d.disk_kv_cache_gb,
+                   help="on-disk KV tier behind the host tier (0: off); survives restarts")
+    g.add_argument("--kv-cache-dir", default=None, help="directory of the disk KV tier (~/.cache/nanoflow/kv)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

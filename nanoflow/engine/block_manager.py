@@ -1,7 +1,15 @@
-"""Paged KV memory bookkeeping: fixed-size blocks with reference counts. Pure Python."""
+"""Paged KV memory bookkeeping: fixed-size blocks with reference counts and a prefix cache. Pure Python.
+
+Prefix caching (vLLM-style): a *full* block whose tokens are known and whose KV is computed gets a hash from
+the chain ``hash(parent_hash, block_tokens, salt)``; ``hash -> block`` lets a new request reuse it. Blocks are
+shared by reference count. A freed block that has a hash stays cached (ref count 0) in an LRU of evictable
+blocks and is only reused for new data when the free list is empty (then its hash is dropped).
+"""
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict, deque
 
 from nanoflow.engine.request import Request
 
@@ -10,22 +18,78 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def hash_block(parent: bytes, tokens: list[int]) -> bytes:
+    """One link of the hash chain. 128-bit blake2b: stable across processes (the disk tier keys on it)."""
+    h = hashlib.blake2b(parent, digest_size=16)
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False, salt: bytes = b"") -> None:
         if num_blocks <= 0:
             raise ValueError("the KV cache needs at least one block")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.enable_caching = enable_caching
+        # The chain's root: anything else that changes the KV (model, dtype, block size) goes in the salt.
+        self.root_hash = hashlib.blake2b(b"nanoflow-kv\0" + salt, digest_size=16).digest()
         self.ref_counts = [0] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: deque[int] = deque(range(num_blocks))  # ref 0, no hash
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0, hashed; first = least recently used
+        self._hash_of: dict[int, bytes] = {}  # block -> hash, for cached blocks
+        self._cached: dict[bytes, int] = {}  # hash -> block
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks available for new data (free + evictable cached ones)."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        return len(self._evictable)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
 
     @property
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
+
+    # ---- allocation ----
+    def _allocate(self) -> int:
+        if self._free:
+            block = self._free.popleft()
+        else:  # reuse the least recently used cached block: its content (and hash) is dropped
+            block, _ = self._evictable.popitem(last=False)
+            del self._cached[self._hash_of.pop(block)]
+        assert self.ref_counts[block] == 0, f"block {block} handed out while still referenced"
+        self.ref_counts[block] = 1
+        return block
+
+    def take(self, block: int) -> None:
+        """Another owner takes a reference (prefix hit or an offload in flight); revives an evictable block."""
+        if self.ref_counts[block] == 0:
+            del self._evictable[block]  # KeyError here means a free, uncached block: a bug
+        self.ref_counts[block] += 1
+
+    def share(self, block: int) -> None:
+        assert self.ref_counts[block] > 0, f"sharing free block {block}"
+        self.ref_counts[block] += 1
+
+    def release(self, block: int) -> None:
+        assert self.ref_counts[block] > 0, f"double free of block {block}"
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            if block in self._hash_of:
+                self._evictable[block] = None  # most recently used end
+            else:
+                self._free.append(block)
 
     def blocks_to_grow(self, req: Request, num_new_tokens: int) -> int:
         total = req.num_computed_tokens + num_new_tokens
@@ -40,28 +104,94 @@ class BlockManager:
         if need > self.num_free_blocks:
             return False
         for _ in range(need):
-            block = self._free.popleft()
-            assert self.ref_counts[block] == 0, f"block {block} on the free list is still referenced"
-            self.ref_counts[block] = 1
-            req.block_table.append(block)
+            req.block_table.append(self._allocate())
         return True
 
-    def share(self, block: int) -> None:
-        """Another owner takes a reference (prefix reuse)."""
-        assert self.ref_counts[block] > 0, f"sharing free block {block}"
-        self.ref_counts[block] += 1
-
     def free(self, req: Request) -> None:
-        # Release in reverse so the tail (least likely to be shared) is reused first.
+        """Drop the request's references. Computed full blocks are cached first, so they stay reusable."""
+        self.cache_full_blocks(req)
+        # Release in reverse so the tail of a chain (least likely to be reused) is evicted first.
         for block in reversed(req.block_table):
-            assert self.ref_counts[block] > 0, f"double free of block {block}"
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self._free.append(block)
+            self.release(block)
         req.block_table = []
+        req.num_cached_blocks = 0
+
+    # ---- prefix cache ----
+    def compute_hashes(self, req: Request, num_blocks: int) -> list[bytes]:
+        """Extend req.block_hashes to cover `num_blocks` full blocks of *known* tokens (incremental, O(new))."""
+        bs, hashes = self.block_size, req.block_hashes
+        num_blocks = min(num_blocks, req.num_tokens // bs)
+        if len(hashes) < num_blocks:
+            tokens = req.all_token_ids
+            parent = hashes[-1] if hashes else self.root_hash
+            for i in range(len(hashes), num_blocks):
+                parent = hash_block(parent, tokens[i * bs:(i + 1) * bs])
+                hashes.append(parent)
+        return hashes[:num_blocks]
+
+    def max_reusable_blocks(self, req: Request) -> int:
+        """Never the whole sequence: at least one token is computed so there are logits to sample."""
+        return (req.num_tokens - 1) // self.block_size
+
+    def match_prefix(self, req: Request) -> list[int]:
+        """The cached blocks holding the longest full-block prefix of the request's known tokens."""
+        if not self.enable_caching:
+            return []
+        hits = []
+        for h in self.compute_hashes(req, self.max_reusable_blocks(req)):
+            block = self._cached.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def allocate_with_prefix(self, req: Request, hits: list[int], num_loaded: int, num_new_tokens: int) -> bool:
+        """Admit `req` on cached `hits`, plus fresh blocks for `num_loaded` blocks reloaded from a KV tier and
+        `num_new_tokens` tokens to compute. False (and no change) if memory is short."""
+        assert not req.block_table, "admitting a request that still holds blocks"
+        bs = self.block_size
+        revived = sum(1 for b in hits if self.ref_counts[b] == 0)  # these leave the free capacity
+        need = blocks_needed((len(hits) + num_loaded) * bs + num_new_tokens, bs) - len(hits)
+        if need > self.num_free_blocks - revived:
+            return False
+        for b in hits:
+            self.take(b)
+        req.block_table = list(hits)
+        req.num_cached_blocks = len(hits)
+        for _ in range(need):
+            req.block_table.append(self._allocate())
+        return True
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """Register the request's full blocks whose tokens are known and whose KV is computed (or launched:
+        every later step is ordered after it). Called between steps, never for tokens not yet sampled."""
+        if not self.enable_caching:
+            return
+        n = min(req.num_computed_tokens, req.num_tokens) // self.block_size
+        n = min(n, len(req.block_table))
+        if n <= req.num_cached_blocks:
+            return
+        hashes = self.compute_hashes(req, n)
+        for i in range(req.num_cached_blocks, n):
+            block, h = req.block_table[i], hashes[i]
+            if h not in self._cached and block not in self._hash_of:
+                self._cached[h] = block
+                self._hash_of[block] = h
+            # else: the same content is already cached in another block; this one stays a private copy
+        req.num_cached_blocks = n
+
+    def cached_hash(self, block: int) -> bytes | None:
+        return self._hash_of.get(block)
 
     def check_invariants(self) -> None:
-        free = set(self._free)
+        free, evictable = set(self._free), set(self._evictable)
         assert len(free) == len(self._free), "a block is on the free list twice"
+        assert not free & evictable, "a block is both free and evictable"
         for b, rc in enumerate(self.ref_counts):
-            assert rc >= 0 and (rc == 0) == (b in free), f"block {b}: ref count {rc}, free={b in free}"
+            assert rc >= 0, f"block {b}: negative ref count {rc}"
+            assert (rc == 0) == (b in free or b in evictable), f"block {b}: ref count {rc}, free={b in free}"
+            assert (b in evictable) <= (b in self._hash_of), f"evictable block {b} has no hash"
+            assert (b in free) <= (b not in self._hash_of), f"free block {b} still has a hash"
+        assert len(self._cached) == len(self._hash_of), "hash maps out of sync"
+        assert all(self._hash_of[b] == h for h, b in self._cached.items()), "hash maps disagree"
+        assert len(free) + len(evictable) == self.num_free_blocks <= self.num_blocks

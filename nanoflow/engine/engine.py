@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoflow.config import EngineConfig
+from nanoflow.engine.kv_tiers import kv_cache_salt, make_kv_tiers
 from nanoflow.engine.request import Request
 from nanoflow.engine.runner import ModelRunner, kv_cache_blocks
 from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
@@ -32,6 +33,8 @@ class StepStats:
     prompt_tokens: int = 0  # prefill tokens computed (including recompute after preemption)
     generated_tokens: int = 0
     step_time_s: float = 0.0
+    prefix_hit_tokens: int = 0  # prompt tokens whose KV was reused from device blocks (not computed)
+    tier_hit_tokens: int = 0  # prompt tokens whose KV was reloaded from the host/disk tiers (not computed)
 
 
 class LLMEngine:
@@ -51,8 +54,11 @@ class LLMEngine:
             self.model_config, self.dtype, config.block_size, config.kv_cache_gb)
         self.scheduler = Scheduler(SchedulerConfig(
             dense_batch=config.dense_batch, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-            block_size=config.block_size, num_blocks=num_blocks, admission_control=config.admission_control))
+            block_size=config.block_size, num_blocks=num_blocks, admission_control=config.admission_control,
+            prefix_caching=config.prefix_caching,
+            cache_salt=kv_cache_salt(src, self.dtype, config.block_size, config.seed)))
         self.runner = ModelRunner(model, self.model_config, self.dtype, num_blocks, config.block_size, config.seed)
+        self.kv_tiers = self.scheduler.kv_tiers = make_kv_tiers(config, self.runner.kv_caches)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -105,6 +111,8 @@ class LLMEngine:
         reqs, result = self.runner.execute(batch)
         self.stats.num_steps += 1
         self.stats.prompt_tokens += sum(c.num_tokens for c in batch.prefills)
+        self.stats.prefix_hit_tokens = self.scheduler.num_prefix_hit_tokens
+        self.stats.tier_hit_tokens = self.scheduler.num_tier_hit_tokens
         touched = {id(self._owner[c.req.request_id]): self._owner[c.req.request_id] for c in batch.chunks}
         for i, req in enumerate(reqs):
             self._append_token(req, result.token_ids[i], result.logprobs[i])

@@ -26,6 +26,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # hash chain of full blocks of known tokens
+    num_cached_blocks: int = 0  # leading blocks of block_table already registered in the prefix cache
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[dict] = field(default_factory=list)

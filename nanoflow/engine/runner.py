@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoflow.engine.kv_tiers import scatter_blocks
 from nanoflow.engine.sampler import SampleResult, Sampler
 from nanoflow.engine.scheduler import ScheduledBatch
 from nanoflow.kernels.attention import AttentionMetadata, PrefillChunk
@@ -73,6 +74,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list, SampleResult | None]:
         """Run one step; returns the requests that sampled and what they sampled."""
+        for block_ids, staging in batch.kv_loads:  # KV reloaded from the host/disk tier, before it is read
+            scatter_blocks(self.kv_caches, block_ids, staging)
         with region("nanoflow::prepare inputs"):
             inp = self.prepare(batch)
         hidden = self.model(inp.input_ids, inp.positions, inp.meta, self.kv_caches)

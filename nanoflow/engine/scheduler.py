@@ -17,6 +17,8 @@ class SchedulerConfig:
     block_size: int = 16
     num_blocks: int = 4096
     admission_control: bool = True
+    prefix_caching: bool = False  # reuse cached full KV blocks (block_manager.py)
+    cache_salt: bytes = b""  # what else changes the KV (model, dtype): part of every block hash
 
 
 @dataclass
@@ -36,6 +38,7 @@ class ScheduledBatch:
     decodes: list[ScheduledChunk] = field(default_factory=list)
     prefills: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    kv_loads: list = field(default_factory=list)  # (block ids, staging) reloaded from a KV tier before the step
 
     @property
     def chunks(self) -> list[ScheduledChunk]:
@@ -52,7 +55,11 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self.block_manager = BlockManager(config.num_blocks, config.block_size)
+        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.prefix_caching,
+                                          config.cache_salt)
+        self.kv_tiers = None  # host/disk KV tiers (kv_tiers.py), set by the engine
+        self.num_prefix_hit_tokens = 0  # prompt tokens reused from device blocks
+        self.num_tier_hit_tokens = 0  # prompt tokens reloaded from the host/disk tiers
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -82,6 +89,8 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        if self.kv_tiers is not None and reason != "abort":
+            self._offload(req)
         self.block_manager.free(req)
         if reason != "abort":
             n = len(req.output_token_ids)
@@ -89,6 +98,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
+        self._between_steps()
         while True:
             budget = self._schedule_decodes(batch, self.config.dense_batch)
             budget = self._schedule_running_prefills(batch, budget)
@@ -109,6 +119,8 @@ class Scheduler:
                 i += 1
                 continue
             while not self.block_manager.grow(req, 1):
+                if self._reclaim_offloaded(wait=True):
+                    continue  # blocks pinned for a KV copy came back: no need to preempt
                 victim = self.running[-1]
                 self._preempt(victim, batch)
                 if victim is req:
@@ -134,10 +146,11 @@ class Scheduler:
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            if self.running and not self._fits_predicted_peak(req):
+            hits = self.block_manager.match_prefix(req)
+            if self.running and not self._fits_predicted_peak(req, hits):
                 break
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.block_manager.grow(req, n):
+            n = self._allocate_prefix(req, hits, budget, batch)
+            if n is None:
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
@@ -151,11 +164,66 @@ class Scheduler:
         out = max(len(req.output_token_ids) + 1, guess)
         return blocks_needed(req.num_prompt_tokens + out, self.config.block_size)
 
-    def _fits_predicted_peak(self, req: Request) -> bool:
+    def _fits_predicted_peak(self, req: Request, hits: list[int]) -> bool:
         if not self.config.admission_control:
             return True
+        bm = self.block_manager
         used = sum(self._predicted_peak_blocks(r) for r in self.running)
-        return used + self._predicted_peak_blocks(req) <= self.config.num_blocks
+        # A block shared by several running requests is counted once; so is a hit on a block in use.
+        shared = max(0, sum(len(r.block_table) for r in self.running) - bm.num_used_blocks)
+        new = self._predicted_peak_blocks(req) - sum(1 for b in hits if bm.ref_counts[b] > 0)
+        return used - shared + new <= self.config.num_blocks
+
+    # ---- prefix cache and KV tiers ----
+    def _allocate_prefix(self, req: Request, hits: list[int], budget: int, batch: ScheduledBatch) -> int | None:
+        """Take the cached prefix, reload the blocks a KV tier holds after it, allocate the rest. Returns the
+        number of tokens to compute this step, or None if memory is short."""
+        bm, bs = self.block_manager, self.config.block_size
+        tier_hashes = req.block_hashes[len(hits):bm.max_reusable_blocks(req)] if self.kv_tiers else []
+        num_load = self.kv_tiers.count_prefix(tier_hashes) if tier_hashes else 0
+        start = (len(hits) + num_load) * bs
+        if not bm.allocate_with_prefix(req, hits, num_load, min(req.num_tokens - start, budget)):
+            return None
+        if num_load:
+            staging, loaded = self.kv_tiers.fetch(tier_hashes[:num_load])  # fewer: a block vanished or was corrupt
+            if loaded < num_load:  # compute the rest instead; give back the blocks that are now surplus
+                start = (len(hits) + loaded) * bs
+                keep = blocks_needed(start + min(req.num_tokens - start, budget), bs)
+                while len(req.block_table) > keep:
+                    bm.release(req.block_table.pop())
+            if loaded:
+                batch.kv_loads.append((req.block_table[len(hits):len(hits) + loaded], staging))
+            self.num_tier_hit_tokens += loaded * bs
+        self.num_prefix_hit_tokens += len(hits) * bs
+        req.num_computed_tokens = start
+        return min(req.num_tokens - start, budget)
+
+    def _between_steps(self) -> None:
+        """Blocks computed by launched steps join the prefix cache (only now: a block is never hit before the
+        step writing it was launched); blocks whose copy to the host tier finished are unpinned."""
+        self._reclaim_offloaded(wait=False)
+        if self.config.prefix_caching:
+            for req in self.running:
+                self.block_manager.cache_full_blocks(req)
+
+    def _offload(self, req: Request) -> None:
+        """Copy a finished request's cached blocks to the host tier in the background; pin them meanwhile."""
+        bm = self.block_manager
+        bm.cache_full_blocks(req)
+        todo = [(h, b) for b in req.block_table[:req.num_cached_blocks]
+                if (h := bm.cached_hash(b)) is not None and self.kv_tiers.wants(h)]
+        for _, b in todo:
+            bm.share(b)
+        if todo:
+            self.kv_tiers.offload(todo)
+
+    def _reclaim_offloaded(self, wait: bool) -> bool:
+        if self.kv_tiers is None:
+            return False
+        done = self.kv_tiers.completed(wait=wait)
+        for b in done:
+            self.block_manager.release(b)
+        return bool(done)
 
     def _preempt(self, req: Request, batch: ScheduledBatch) -> None:
         """Free the request's KV and send it back to the front of the queue; it recomputes later."""

@@ -1,0 +1,306 @@
+"""A second tier for KV blocks: a bounded host-memory LRU that spills to a bounded on-disk LRU.
+
+Keyed by the prefix-cache block hash (block_manager.hash_block), so a later request whose prompt extends a
+finished conversation finds its history here when the device blocks have been evicted, and reloads it
+(one contiguous staging tensor, then a scatter into freshly allocated pages) instead of recomputing it.
+
+Offload is off the critical path: the scheduler pins a finished request's blocks and hands them to a
+background thread, which gathers them into host memory and later spills LRU entries to disk; the blocks
+are unpinned between steps once copied. On a CPU-only machine "device" and "host" are the same RAM: the
+tiers still hold separate, bounded copies, exactly as on a GPU.
+
+Disk format: one safetensors file per block, `<hash hex>.safetensors`, with the block's length, shape,
+dtype and a CRC32 of its bytes in the header metadata. A file that does not parse, is truncated or fails
+its checksum is deleted and reported as a miss (the tokens are recomputed), never used. The index is
+rebuilt from the directory at start-up (LRU order = file modification time), so the tier survives a restart.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import threading
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+_SUFFIX = ".safetensors"
+
+
+def _crc(t: torch.Tensor) -> int:
+    return zlib.crc32(t.contiguous().view(torch.uint8).numpy())
+
+
+def gather_blocks(kv_caches: list[torch.Tensor], block_ids: list[int]) -> torch.Tensor:
+    """Device pages -> one contiguous tensor [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]."""
+    ids = torch.tensor(block_ids, dtype=torch.long, device=kv_caches[0].device)
+    return torch.stack([kv.index_select(1, ids) for kv in kv_caches])
+
+
+def scatter_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], staging: torch.Tensor) -> None:
+    """Reload: one contiguous host->device copy of the staging tensor, then index_copy_ into the pages."""
+    device = kv_caches[0].device
+    ids = torch.tensor(block_ids, dtype=torch.long, device=device)
+    staging = staging.to(device, non_blocking=True)
+    for layer, kv in enumerate(kv_caches):
+        kv.index_copy_(1, ids, staging[layer])
+
+
+class DiskTier:
+    """Bounded on-disk LRU of KV blocks, one checksummed safetensors file per block."""
+
+    def __init__(self, directory: str | os.PathLike, capacity_bytes: int, block_shape: tuple, dtype: torch.dtype):
+        self.dir = Path(directory).expanduser()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.capacity, self.block_shape, self.dtype = capacity_bytes, tuple(block_shape), dtype
+        self._lock = threading.Lock()
+        self._index: OrderedDict[bytes, int] = OrderedDict()  # hash -> file size; first = least recently used
+        self.num_bytes = 0
+        self.num_rejected = 0  # corrupt / truncated / foreign files detected and dropped
+        self._rebuild()
+
+    def _path(self, h: bytes) -> Path:
+        return self.dir / (h.hex() + _SUFFIX)
+
+    def _rebuild(self) -> None:
+        for tmp in self.dir.glob("*.tmp"):  # a write that a crash interrupted
+            tmp.unlink(missing_ok=True)
+        files = []
+        for f in self.dir.glob("*" + _SUFFIX):
+            try:
+                files.append((f.stat().st_mtime_ns, bytes.fromhex(f.name[:-len(_SUFFIX)]), f.stat().st_size))
+            except (ValueError, OSError):
+                continue  # not one of ours
+        for _, h, size in sorted(files):
+            self._index[h] = size
+            self.num_bytes += size
+        with self._lock:
+            self._evict_locked()
+
+    def __contains__(self, h: bytes) -> bool:
+        return h in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def put(self, h: bytes, block: torch.Tensor) -> None:
+        if h in self._index:
+            return
+        block = block.contiguous()
+        meta = {"nbytes": str(block.numel() * block.element_size()), "crc32": str(_crc(block)),
+                "shape": ",".join(map(str, block.shape)), "dtype": str(block.dtype)}
+        path = self._path(h)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"kv": block}, str(tmp), metadata=meta)
+        os.replace(tmp, path)  # atomic: readers never see a half-written file under the real name
+        with self._lock:
+            self._index[h] = path.stat().st_size
+            self.num_bytes += self._index[h]
+            self._evict_locked()
+
+    def get(self, h: bytes) -> torch.Tensor | None:
+        """The block, or None if absent or if its file is corrupt/truncated (then it is deleted)."""
+        if h not in self._index:
+            return None
+        path = self._path(h)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                block = f.get_tensor("kv")
+            ok = (tuple(block.shape) == self.block_shape and block.dtype == self.dtype
+                  and int(meta["nbytes"]) == block.numel() * block.element_size()
+                  and int(meta["crc32"]) == _crc(block))
+        except Exception:  # safetensors raises on a truncated buffer or a broken header
+            ok = False
+        if not ok:
+            self.num_rejected += 1
+            self._drop(h)
+            return None
+        with self._lock:
+            if h in self._index:
+                self._index.move_to_end(h)
+        try:
+            os.utime(path)  # the LRU order survives a restart
+        except OSError:
+            pass
+        return block
+
+    def _drop(self, h: bytes) -> None:
+        with self._lock:
+            size = self._index.pop(h, None)
+            if size is not None:
+                self.num_bytes -= size
+        self._path(h).unlink(missing_ok=True)
+
+    def _evict_locked(self) -> None:
+        while self._index and self.num_bytes > self.capacity:
+            h, size = self._index.popitem(last=False)
+            self.num_bytes -= size
+            self._path(h).unlink(missing_ok=True)
+
+
+class KVTiers:
+    """Host-memory LRU (bounded) in front of an optional DiskTier, with a background offload thread.
+
+    Engine-thread API (the scheduler's): wants / offload / completed / count_prefix / fetch.
+    """
+
+    def __init__(self, kv_caches: list[torch.Tensor], host_bytes: int, disk_bytes: int = 0,
+                 cache_dir: str | os.PathLike | None = None) -> None:
+        self.kv_caches = kv_caches
+        _, _, bs, h, d = kv_caches[0].shape
+        self.block_shape = (len(kv_caches), 2, bs, h, d)
+        self.dtype = kv_caches[0].dtype
+        self.block_bytes = len(kv_caches) * kv_caches[0][:, 0].numel() * kv_caches[0].element_size()
+        self.host_capacity = host_bytes // self.block_bytes  # in blocks
+        self.disk = None
+        if disk_bytes > 0:
+            self.disk = DiskTier(cache_dir or "~/.cache/nanoflow/kv", disk_bytes, self.block_shape, self.dtype)
+        self._host: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # first = least recently used
+        self._pin = torch.cuda.is_available() and kv_caches[0].is_cuda  # pinned host memory for async copies
+        self._lock = threading.Condition()
+        self._inflight: set[bytes] = set()
+        self._pending = 0  # offload jobs not yet gathered
+        self._done: list[int] = []  # device blocks whose copy finished (to unpin)
+        self.num_offloaded = self.num_spilled = self.num_host_hits = self.num_disk_hits = 0
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._worker, name="nanoflow-kv-offload", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)  # stop the thread before the interpreter tears torch down
+
+    # ---- engine thread ----
+    def __contains__(self, h: bytes) -> bool:
+        with self._lock:
+            return h in self._host or (self.disk is not None and h in self.disk)
+
+    def wants(self, h: bytes) -> bool:
+        with self._lock:
+            return h not in self._inflight and h not in self._host and not (self.disk is not None and h in self.disk)
+
+    def offload(self, pairs: list[tuple[bytes, int]]) -> None:
+        """Copy these (hash, device block) pairs in the background; the caller keeps the blocks pinned until
+        completed() returns them."""
+        event = None
+        if self.kv_caches[0].is_cuda:  # the copy must see the KV the launched steps write
+            event = torch.cuda.Event()
+            event.record()
+        with self._lock:
+            self._inflight.update(h for h, _ in pairs)
+            self._pending += 1
+        self._jobs.put((pairs, event))
+
+    def completed(self, wait: bool = False) -> list[int]:
+        """Device blocks whose copy is done. wait=True: first wait for every copy in flight."""
+        with self._lock:
+            if wait:
+                self._lock.wait_for(lambda: self._pending == 0)
+            done, self._done = self._done, []
+            return done
+
+    def count_prefix(self, hashes: list[bytes]) -> int:
+        n = 0
+        with self._lock:
+            for h in hashes:
+                if h not in self._host and not (self.disk is not None and h in self.disk):
+                    break
+                n += 1
+        return n
+
+    def fetch(self, hashes: list[bytes]) -> tuple[torch.Tensor | None, int]:
+        """The longest run of these blocks still held (and valid), as one contiguous staging tensor
+        [num_layers, 2, n, block_size, heads, head_dim], and n."""
+        blocks = []
+        for h in hashes:
+            with self._lock:
+                block = self._host.get(h)
+                if block is not None:
+                    self._host.move_to_end(h)
+                    self.num_host_hits += 1
+            if block is None and self.disk is not None:
+                block = self.disk.get(h)
+                self.num_disk_hits += block is not None
+            if block is None:
+                break
+            blocks.append(block)
+        if not blocks:
+            return None, 0
+        staging = torch.stack(blocks, dim=2)
+        return (staging.pin_memory() if self._pin else staging), len(blocks)
+
+    def close(self) -> None:
+        """Finish the copies in flight and stop the thread (idempotent)."""
+        if self._thread.is_alive():
+            self.completed(wait=True)
+            self._jobs.put(None)
+            self._thread.join(timeout=10)
+        atexit.unregister(self.close)
+
+    # ---- background thread ----
+    def _worker(self) -> None:
+        stream = torch.cuda.Stream() if self.kv_caches[0].is_cuda else None
+        while (job := self._jobs.get()) is not None:
+            pairs, event = job
+            data = None
+            try:
+                data = self._gather(pairs, event, stream)
+            except Exception:  # never kill the offload thread: these blocks are just not kept
+                pass
+            finally:
+                with self._lock:
+                    self._done.extend(b for _, b in pairs)  # copied (or failed): unpin
+                    self._pending -= 1
+                    self._lock.notify_all()
+            spill = []
+            with self._lock:
+                for j, (h, _) in enumerate(pairs):
+                    self._inflight.discard(h)
+                    if data is None:
+                        continue
+                    if self.host_capacity > 0:
+                        self._host[h] = data[:, :, j].clone()
+                    else:
+                        spill.append((h, data[:, :, j]))
+                    self.num_offloaded += 1
+                while len(self._host) > self.host_capacity:
+                    spill.append(self._host.popitem(last=False))
+            for h, block in spill:  # disk I/O outside the lock
+                if self.disk is not None:
+                    try:
+                        self.disk.put(h, block)
+                        self.num_spilled += 1
+                    except OSError:  # disk full or gone: the block is simply not kept
+                        pass
+
+    def _gather(self, pairs, event, stream) -> torch.Tensor:
+        ids = [b for _, b in pairs]
+        if stream is None:
+            return gather_blocks(self.kv_caches, ids)
+        with torch.cuda.stream(stream):
+            stream.wait_event(event)
+            data = gather_blocks(self.kv_caches, ids)
+            host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
+            host.copy_(data, non_blocking=True)
+            stream.synchronize()
+        return host
+
+
+def kv_cache_salt(src, dtype: torch.dtype, block_size: int, seed: int) -> bytes:
+    """Everything besides the tokens that decides a block's KV: the weights (path, size, mtime; the seed
+    for random dummy weights), dtype and block size. Goes into every block hash, so also into disk keys."""
+    ident = src.path
+    if os.path.exists(src.path):
+        st = os.stat(src.path)
+        ident += f"|{st.st_size}|{st.st_mtime_ns}"
+    return f"{src.kind}|{ident}|{dtype}|{block_size}|{seed if src.kind == 'dummy' else ''}".encode()
+
+
+def make_kv_tiers(config, kv_caches: list[torch.Tensor]) -> KVTiers | None:
+    """The tiers an EngineConfig asks for, or None (both sizes 0)."""
+    if not (config.host_kv_cache_gb > 0 or config.disk_kv_cache_gb > 0):
+        return None
+    return KVTiers(kv_caches, int(config.host_kv_cache_gb * (1 << 30)), int(config.disk_kv_cache_gb * (1 << 30)),
+                   config.kv_cache_dir)
