@@ -10,6 +10,8 @@ class EngineConfig:
     model: str = "default"
     dtype: str = "bfloat16"
     dense_batch: int = 256  # tokens per step (NanoFlow's B_dense); 1024-2048 on a GPU
+    executor: str = "sequential"  # NanoFlow's intra-device parallelism: sequential | nanobatch | overlap
+    plan: str | None = None  # plan JSON for nanobatch/overlap ("auto": nanoflow tune); None: the default plan
     max_num_seqs: int = 256
     max_model_len: int | None = None  # None: the model's context length
     block_size: int = 16
@@ -25,6 +27,8 @@ class EngineConfig:
     kv_cache_dir: str | None = None  # directory of the disk tier (default ~/.cache/nanoflow/kv)
 
     def __post_init__(self) -> None:
+        if self.executor not in ("sequential", "nanobatch", "overlap"):
+            raise ValueError(f"executor must be sequential, nanobatch or overlap, got {self.executor!r}")
         for name in ("dense_batch", "max_num_seqs", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -44,6 +48,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="'default' (SmolLM2-135M-Instruct), a .gguf file, an HF directory or dummy:<preset>")
     g.add_argument("--dtype", default=d.dtype, help="bfloat16 | float32")
     g.add_argument("--dense-batch", type=int, default=d.dense_batch, help="token budget per step")
+    g.add_argument("--executor", default=d.executor, choices=["sequential", "nanobatch", "overlap"],
+                   help="run each step's layers as one batch, as the plan's nano-batches, or overlapped on units")
+    g.add_argument("--plan", default=None, help="plan JSON for --executor nanobatch/overlap, or 'auto'")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=d.block_size)

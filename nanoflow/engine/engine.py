@@ -57,7 +57,8 @@ class LLMEngine:
             block_size=config.block_size, num_blocks=num_blocks, admission_control=config.admission_control,
             prefix_caching=config.prefix_caching,
             cache_salt=kv_cache_salt(src, self.dtype, config.block_size, config.seed)))
-        self.runner = ModelRunner(model, self.model_config, self.dtype, num_blocks, config.block_size, config.seed)
+        self.runner = ModelRunner(model, self.model_config, self.dtype, num_blocks, config.block_size, config.seed,
+                                  config.executor, config.plan, config.dense_batch)
         self.kv_tiers = self.scheduler.kv_tiers = make_kv_tiers(config, self.runner.kv_caches)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

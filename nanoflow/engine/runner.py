@@ -8,6 +8,7 @@ import torch
 from nanoflow.engine.kv_tiers import scatter_blocks
 from nanoflow.engine.sampler import SampleResult, Sampler
 from nanoflow.engine.scheduler import ScheduledBatch
+from nanoflow.flow.executor import make_executor
 from nanoflow.kernels.attention import AttentionMetadata, PrefillChunk
 from nanoflow.models.config import ModelConfig
 from nanoflow.profiling import region
@@ -29,8 +30,10 @@ def kv_cache_blocks(cfg: ModelConfig, dtype: torch.dtype, block_size: int, memor
 
 class ModelRunner:
     def __init__(self, model, cfg: ModelConfig, dtype: torch.dtype, num_blocks: int, block_size: int,
-                 seed: int = 0) -> None:
+                 seed: int = 0, executor: str = "sequential", plan: str | None = None, dense_batch: int = 256) -> None:
         self.model, self.cfg, self.dtype, self.block_size = model, cfg, dtype, block_size
+        # How each step's layers run (nanoflow/flow): called like the model, returns the final hidden states.
+        self.executor = make_executor(executor, plan, model, next(model.parameters()).device, dense_batch)
         shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_layers)]
         self.sampler = Sampler(seed)
@@ -78,7 +81,7 @@ class ModelRunner:
             scatter_blocks(self.kv_caches, block_ids, staging)
         with region("nanoflow::prepare inputs"):
             inp = self.prepare(batch)
-        hidden = self.model(inp.input_ids, inp.positions, inp.meta, self.kv_caches)
+        hidden = self.executor(inp.input_ids, inp.positions, inp.meta, self.kv_caches)
         if not inp.sample_reqs:
             return [], None
         logits = self.model.compute_logits(hidden[inp.sample_rows])

@@ -9,6 +9,11 @@
   events). A backend receives a compiled `Program`: per unit, the tasks of every layer in issue order, each
   with the (unit, position) pairs it must wait for; it calls `fn(task)` to do the math.
 
+The backend interface (`ExecutionUnits`): `Backend(units: list[plan.Unit], device)`;
+`.run(program, fn, trace, num_tokens)` runs each unit's tasks in order, a task only after its `deps`, calls
+`fn(task)` for the math, appends (unit name, task, start s, end s) to `trace` when it is a list, and returns when
+the step is done; optional `.run_op(model, task, state, start, end)` replaces `ops.run_op`; `.close()`.
+
 An executor is called like the model: `executor(input_ids, positions, meta, kv_caches) -> final hidden`.
 Setting `executor.trace = []` records (unit name, task, start s, end s) per nano-op of the following calls.
 """
@@ -135,10 +140,14 @@ class OverlapExecutor(Executor):
             self.units = CpuUnits(plan.units, device)
 
     def run(self, state: StepState) -> None:
-        t = state.num_tokens
+        t, model = state.num_tokens, self.model
+        unit_op = getattr(self.units, "run_op", None)  # a backend's own op runner (CUDA: SM-limited kernels)
 
         def fn(task: NanoTask) -> None:
-            run_op(self.model, task.layer, task.op, state, *task.rows(t))
+            if unit_op is not None:
+                unit_op(model, task, state, *task.rows(t))
+            else:
+                run_op(model, task.layer, task.op, state, *task.rows(t))
         self.units.run(self.program, fn, self.trace, t)
 
     def close(self) -> None:
