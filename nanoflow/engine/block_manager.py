@@ -180,6 +180,15 @@ class BlockManager:
             # else: the same content is already cached in another block; this one stays a private copy
         req.num_cached_blocks = n
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every evictable cached block (benchmarks, tests); blocks in use keep their hash."""
+        n = len(self._evictable)
+        while self._evictable:
+            block, _ = self._evictable.popitem(last=False)
+            del self._cached[self._hash_of.pop(block)]
+            self._free.append(block)
+        return n
+
     def cached_hash(self, block: int) -> bytes | None:
         return self._hash_of.get(block)
 

@@ -231,13 +231,22 @@ class KVTiers:
         staging = torch.stack(blocks, dim=2)
         return (staging.pin_memory() if self._pin else staging), len(blocks)
 
-    def close(self) -> None:
-        """Finish the copies in flight and stop the thread (idempotent)."""
+    def close(self, persist: bool = True) -> None:
+        """Finish the copies in flight and stop the thread (idempotent). persist: write what the host tier
+        holds to the disk tier, so a restarted process finds it (also done at interpreter exit)."""
         if self._thread.is_alive():
             self.completed(wait=True)
             self._jobs.put(None)
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=60)
         atexit.unregister(self.close)
+        if persist and self.disk is not None:
+            with self._lock:
+                entries, self._host = list(self._host.items()), OrderedDict()
+            for h, block in entries:  # oldest first: the disk LRU order follows the host's
+                try:
+                    self.disk.put(h, block)
+                except OSError:
+                    break
 
     # ---- background thread ----
     def _worker(self) -> None:
