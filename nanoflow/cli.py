@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("roofline", help="the paper's cost model and optimal throughput")
     roofline.add_arguments(p)
     p.set_defaults(func=roofline.run)
+    from nanoflow.tune import commands as tune_commands
+    p = sub.add_parser("profile", help="time every operation per token count and share; the R -> P table")
+    tune_commands.add_profile_arguments(p)
+    p.set_defaults(func=tune_commands.run_profile_cmd)
+    p = sub.add_parser("tune", help="auto-search a plan (MILP), confirm candidates by measuring, cache it")
+    tune_commands.add_tune_arguments(p)
+    p.set_defaults(func=tune_commands.run_tune_cmd)
     return parser
 
 

@@ -71,3 +71,86 @@ def test_p_of_and_candidates():
     assert split_candidates(256, 64, 2) == [[0, 64, 256], [0, 128, 256], [0, 192, 256]]
     assert split_candidates(64, 64, 2) == []
     assert len(split_candidates(2048, 128, 3, limit=10)) == 10
+
+
+# ---- R -> P reduction
+def test_pareto_drops_dominated_pairs():
+    from nanoflow.tune.interference import pareto_frontier
+    pts = [(0.8, 0.3), (0.7, 0.25), (0.6, 0.6), (0.4, 0.8), (0.5, 0.5), (0.8, 0.2)]
+    assert pareto_frontier(pts) == [(0.8, 0.3), (0.6, 0.6), (0.4, 0.8)]
+
+
+def test_rp_table_is_monotone_and_bounded():
+    from nanoflow.tune.interference import CoRun, rp_table, rp_tables
+    # the paper's example: giving up 0.2 of GEMM performance buys 0.3 of GEMV performance
+    t = rp_table([(0.8, 0.3), (0.6, 0.6), (0.7, 0.1)])
+    assert t[0] == 0.0 and t[-1] == 1.0 and t[2] == pytest.approx(0.3) and t[4] == pytest.approx(0.6)
+    assert all(a <= b for a, b in zip(t, t[1:]))
+    assert rp_table([]) == pytest.approx([i / 10 for i in range(11)])  # no data: P = R
+    tabs = rp_tables([CoRun("gate_up", "decode_attn", "memory", "1+1", 0.5, 0.9)])
+    assert set(tabs) == {"memory"} and tabs["memory"][5] == pytest.approx(0.9)
+
+
+# ---- profiles: measured on a tiny model, stored, reused
+def _tiny_model():
+    import torch
+    from nanoflow.models.config import ModelConfig
+    from nanoflow.models.llama import LlamaForCausalLM
+    cfg = ModelConfig("llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    for p in model.parameters():
+        p.requires_grad_(False).normal_(0, 0.2)
+    return model
+
+
+FAST = dict(tile=16, min_time=0.0, window=0.02, context_len=40)
+
+
+def test_profile_round_trip_and_reuse(tmp_path, monkeypatch):
+    from nanoflow.tune import profile
+    monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))
+    model = _tiny_model()
+    prof, path = profile.load_or_profile(model, 32, log=lambda *a: None, **FAST)
+    assert path.startswith(str(tmp_path)) and set(prof.solo) >= {"qkv", "decode_attn", "gate_up"}
+    assert set(prof.solo["qkv"]) == {f"{s:.3f}" for s in prof.shares} and set(prof.solo["qkv"]["1.000"]) == {"16", "32"}
+    assert prof.duration("qkv", 0) == 0.0 and prof.duration("qkv", 8) > 0
+    assert prof.rp["memory"][0] == 0.0 and prof.rp["memory"][-1] == 1.0 and prof.coruns
+    assert profile.Profile.load(path) == prof
+    monkeypatch.setattr(profile, "run_profile", lambda *a, **k: pytest.fail("profiled twice"))
+    again, path2 = profile.load_or_profile(model, 32, log=lambda *a: None, **FAST)
+    assert path2 == path and again == prof
+
+
+def test_tune_plans_are_valid(tmp_path, monkeypatch):
+    from nanoflow.flow.plan import Plan, validate
+    from nanoflow.tune.search import tune
+    monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))
+    plan, decision = tune(_tiny_model(), 32, out=str(tmp_path / "plan.json"), rounds=1, measure_layers=1,
+                          time_limit=5, max_nano=2, log=lambda *a: None, **FAST)
+    validate(plan)
+    assert Plan.load(str(tmp_path / "plan.json")).to_dict() == plan.to_dict()
+    names = [c["name"] for c in plan.meta["candidates"]]
+    assert names[0] == "sequential" and len(names) >= 2
+    assert decision.startswith("overlap does not pay") == (plan.meta["executor"] == "sequential")
+    assert plan.meta["decision"] == decision and plan.meta["tune_seconds"] > 0
+
+
+def test_plan_auto_tunes_once_and_keeps_greedy_tokens(tmp_path, monkeypatch):
+    """`--plan auto` on the default model: a valid tuned plan, loaded from the cache, same greedy tokens."""
+    from nanoflow import LLM, SamplingParams
+    from nanoflow.flow.plan import validate
+    from nanoflow.tune import search
+    monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))
+    prompts = [[1, 504, 3458, 282, 4649, 314], [1, 19842, 253, 1345, 23051, 563, 260, 5887, 30]]
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    plain = LLM("default", dtype="float32", dense_batch=16)
+    ref = [o.outputs[0].token_ids for o in plain.generate(prompts, greedy, use_tqdm=False)]
+    plan, _ = search.tune(plain.engine.runner.model, 16, rounds=1, measure_layers=1, time_limit=5, max_nano=2,
+                          log=lambda *a: None, **FAST)
+    monkeypatch.setattr(search, "tune", lambda *a, **k: pytest.fail("--plan auto re-tuned a cached plan"))
+    auto = LLM("default", dtype="float32", dense_batch=16, executor="overlap", plan="auto")
+    validate(auto.engine.runner.executor.plan)
+    assert auto.engine.runner.executor.plan.to_dict() == plan.to_dict()
+    assert [o.outputs[0].token_ids for o in auto.generate(prompts, greedy, use_tqdm=False)] == ref

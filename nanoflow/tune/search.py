@@ -1,0 +1,175 @@
+"""`nanoflow tune`: profile -> Stage I/II MILPs -> candidate plans -> measured on this device -> the fastest.
+
+The `sequential` plan is always a candidate; when it wins (overlap does not pay on this hardware) tune says so
+and returns it. Plans are cached per (model shape, dtype, dense batch, device) under ~/.cache/nanoflow/plans/
+for `--plan auto`; every plan produced passes `flow.plan.validate`.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanoflow.flow.executor import make_executor
+from nanoflow.flow.ops import layer_operations
+from nanoflow.flow.plan import _CONTEXT_READERS, Plan, Unit, _hazard, sequential_plan, validate
+from nanoflow.tune.milp import OpSpec, Problem, Schedule, search_structure, stage2
+from nanoflow.tune.profile import ROW_KIND, Profile, cache_path, load_or_profile, profile_key, synthetic_step
+
+UNIT_KINDS = {"compute": ["compute", "other"], "memory": ["memory"], "network": ["network"]}
+
+
+@dataclass
+class Candidate:
+    name: str
+    executor: str  # sequential | nanobatch | overlap
+    plan: Plan
+    predicted_s: float  # MILP makespan per layer (seconds)
+    measured_s: float = float("nan")  # median step time on the device
+
+
+def op_specs(cfg=None) -> list[OpSpec]:
+    """The layer's operations for the MILP, with dependencies from the buffers they share (plan.py's rule)."""
+    ops = layer_operations(cfg)
+    return [OpSpec(b.name, b.kind, tuple(a.name for a in ops[:j] if _hazard(a, b, True)),
+                   ROW_KIND.get(b.name, "all"), b.name in _CONTEXT_READERS) for j, b in enumerate(ops)]
+
+
+def make_problem(prof: Profile, cfg=None, layers: int = 2, time_limit: float = 20.0,
+                 shares: tuple[float, ...] | None = None) -> Problem:
+    return Problem(op_specs(cfg), prof.dense_batch, prof.num_decode, prof.duration, tile=prof.tile, layers=layers,
+                   rp=prof.rp, shares=tuple(shares or prof.shares), time_limit=time_limit)
+
+
+def plan_from_schedule(s: Schedule, cfg, dense_batch: int, name: str) -> Plan:
+    """Layer 0's per-unit start order becomes the plan's issue order; the cut is common to all ops."""
+    if s.num_nano == 1 and len([u for u, seq in s.order.items() if seq]) <= 1:
+        return sequential_plan(cfg, dense_batch)
+    units = [Unit(u, UNIT_KINDS[u], round(min(1.0, s.shares.get(u, 1.0)), 3)) for u in sorted(s.order)]
+    order = {u: [f"{op}#{i}" for (layer, op, i) in seq if layer == 0] for u, seq in s.order.items()}
+    plan = Plan(dense_batch, units, {o.name: list(s.splits) for o in layer_operations(cfg)}, order,
+                cross_layer=s.cross_layer(), meta={"name": name, "predicted_layer_s": s.makespan})
+    validate(plan, layer_operations(cfg))
+    return plan
+
+
+def candidates(prof: Profile, cfg, layers: int = 2, max_nano: int = 3, time_limit: float = 20.0,
+               log=print) -> list[Candidate]:
+    """sequential, plus per nano-batch count the Stage-II plan (overlapped) and its splits on one unit."""
+    p = make_problem(prof, cfg, layers, time_limit)
+    t0 = time.perf_counter()
+    structures = search_structure(p, max_nano=max_nano)
+    seq_time = structures[0].makespan / layers
+    out = [Candidate("sequential", "sequential", sequential_plan(cfg, prof.dense_batch), seq_time)]
+    for s1 in structures[1:]:
+        s2 = stage2(p, s1)
+        log(f"tune: N={s1.num_nano} cut {s1.splits}: Stage I {1e3 * s1.makespan / layers:.2f} ms/layer, "
+            f"Stage II {'-' if s2 is None else f'{1e3 * s2.makespan / layers:.2f}'} ms/layer "
+            f"(sequential {1e3 * seq_time:.2f})")
+        if s2 is None:
+            continue
+        name = f"milp-{s1.num_nano}"
+        plan = plan_from_schedule(s2, cfg, prof.dense_batch, name)
+        if sum(s2.shares.values()) <= 1 + 1e-9:  # Stage II overlaps units: the pipelined plan
+            out.append(Candidate(f"{name} overlap {s2.shares}", "overlap", plan, s2.makespan / layers))
+        else:  # Stage II found overlap not worth its interference; still measure Stage I's pipeline, even shares
+            even = {u: round(1 / len(s1.order), 3) for u in s1.order}
+            s1.shares = even
+            out.append(Candidate(f"{name} stage-I overlap {even}", "overlap",
+                                 plan_from_schedule(s1, cfg, prof.dense_batch, f"{name}-stage1"), s1.makespan / layers))
+        nb_time = sum(s1.durations.values()) / layers  # the same nano-ops back to back
+        out.append(Candidate(f"{name} nanobatch", "nanobatch", plan, nb_time))
+    log(f"tune: MILPs solved in {time.perf_counter() - t0:.1f}s")
+    return out
+
+
+def _shallow(model, num_layers: int):
+    """The model with only its first layers (the same modules): candidates are compared per layer."""
+    m = copy.copy(model)
+    m._modules = dict(model._modules)
+    m._modules["layers"] = torch.nn.ModuleList(list(model.layers)[:num_layers])
+    return m
+
+
+def measure(cands: list[Candidate], model, prof: Profile, rounds: int = 3, num_layers: int = 4,
+            log=print) -> None:
+    """Median step time of each candidate on a synthetic full step, candidates interleaved round by round
+    (fair on a shared, noisy machine)."""
+    m = _shallow(model, min(num_layers, len(model.layers)))
+    ids, pos, meta, kv = synthetic_step(m, prof.dense_batch, prof.num_decode, prof.context_len,
+                                        num_layers=len(m.layers))
+    execs = [make_executor(c.executor, c.plan, m, dense_batch=prof.dense_batch) for c in cands]
+    times: list[list[float]] = [[] for _ in cands]
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    try:
+        for e in execs:  # warm-up: threads, OpenMP teams, lazy init
+            e(ids, pos, meta, kv)
+        for _ in range(rounds):
+            for k, e in enumerate(execs):
+                sync()
+                t0 = time.perf_counter()
+                e(ids, pos, meta, kv)
+                sync()
+                times[k].append(time.perf_counter() - t0)
+    finally:
+        for e in execs:
+            e.close()
+    for c, t in zip(cands, times):
+        c.measured_s = statistics.median(t) / len(m.layers)
+        log(f"tune: measured {c.name:40s} {1e3 * c.measured_s:8.2f} ms/layer (predicted {1e3 * c.predicted_s:.2f})")
+
+
+def choose(cands: list[Candidate], min_gain: float = 0.03) -> tuple[Candidate, str]:
+    """The fastest measured candidate, if it beats sequential by at least `min_gain` (noise margin)."""
+    seq = next(c for c in cands if c.executor == "sequential")
+    best = min(cands, key=lambda c: c.measured_s)
+    if best is seq or best.measured_s > seq.measured_s * (1 - min_gain):
+        gain = (seq.measured_s - best.measured_s) / seq.measured_s
+        return seq, (f"overlap does not pay on this hardware: the best alternative ({best.name}) is "
+                     f"{100 * gain:+.1f}% vs sequential (needs > {100 * min_gain:.0f}%); choosing sequential")
+    gain = (seq.measured_s - best.measured_s) / seq.measured_s
+    return best, f"choosing {best.name}: {100 * gain:.1f}% faster than sequential per layer"
+
+
+def plan_key(model, dense_batch: int, device: torch.device) -> dict:
+    return profile_key(model.cfg, next(model.parameters()).dtype, device, dense_batch=dense_batch)
+
+
+def tune(model, dense_batch: int, out: str | None = None, refresh: bool = False, layers: int = 2,
+         max_nano: int = 3, time_limit: float = 20.0, rounds: int = 3, measure_layers: int = 4, log=print,
+         **grid) -> tuple[Plan, str]:
+    """The whole pipeline; the chosen plan is cached for `--plan auto` and written to `out` if given."""
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    prof, ppath = load_or_profile(model, dense_batch, refresh=refresh, log=log, **grid)
+    cands = candidates(prof, model.cfg, layers, max_nano, time_limit, log=log)
+    measure(cands, model, prof, rounds, measure_layers, log=log)
+    best, decision = choose(cands)
+    plan = copy.deepcopy(best.plan)
+    plan.meta.update({"name": best.name, "executor": best.executor, "decision": decision, "profile": ppath,
+                      "tune_seconds": round(time.perf_counter() - t0, 1),
+                      "candidates": [{"name": c.name, "executor": c.executor, "predicted_layer_s": c.predicted_s,
+                                      "measured_layer_s": c.measured_s} for c in cands]})
+    validate(plan, layer_operations(model.cfg))
+    plan.save(cache_path("plans", plan_key(model, dense_batch, device)))
+    if out:
+        plan.save(out)
+    log(f"tune: {decision} ({plan.meta['tune_seconds']}s in all)")
+    return plan, decision
+
+
+def auto_plan(model, dense_batch: int, device) -> Plan:
+    """`--plan auto`: the cached tuned plan for this model/dtype/dense batch/device, tuned once if missing."""
+    path = cache_path("plans", plan_key(model, dense_batch, torch.device(device)))
+    try:
+        plan = Plan.load(path)
+        validate(plan, layer_operations(model.cfg))
+        return plan
+    except (OSError, ValueError):
+        pass
+    print(f"nanoflow: no tuned plan for this model/dtype/dense batch/device yet; running `nanoflow tune` once "
+          f"(cached at {path})")
+    return tune(model, dense_batch)[0]
