@@ -21,6 +21,7 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     cpp_kernels: bool = True  # C++ CPU kernels (decode attention, fused norm/rope/silu, argmax); off: pure torch
+    async_scheduling: bool = True  # schedule step i+1 while step i runs on the device (off: --no-async)
     prefix_caching: bool = True  # reuse cached full KV blocks across requests (off: --no-prefix-cache)
     host_kv_cache_gb: float = 0.0  # host-memory KV tier for finished requests' blocks (0: off)
     disk_kv_cache_gb: float = 0.0  # on-disk KV tier behind the host tier (0: off)
@@ -61,6 +62,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-threads", type=int, default=None)
     g.add_argument("--no-cpp-kernels", dest="cpp_kernels", action="store_false",
                    help="pure-torch CPU path (ablation; also NANOFLOW_NO_CPP=1)")
+    g.add_argument("--no-async", dest="async_scheduling", action="store_false",
+                   help="schedule each step only after the previous one's tokens are read (ablation)")
     g.add_argument("--no-prefix-cache", dest="prefix_caching", action="store_false",
                    help="do not reuse cached KV blocks of shared prompt prefixes")
     g.add_argument("--host-kv-cache-gb", type=float, default=d.host_kv_cache_gb,

@@ -28,12 +28,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", default=None, help="write results to this file")
     g.add_argument("--profile", action="store_true",
                    help="run ours under torch.profiler and print where the time goes")
+    g.add_argument("--compare-async", action="store_true",
+                   help="run ours with async scheduling on and off; print CPU ms/step by part and device idle %%")
 
 
 def run_ours(llm, requests: list[BenchRequest], profile: bool = False) -> dict:
     from nanoflow import SamplingParams
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
     llm.generate([requests[0].prompt_token_ids[:8]], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
+    llm.engine.stats = type(llm.engine.stats)()  # count the measured run only
     with _maybe_profile(profile) as prof:
         start = time.perf_counter()
         outs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=True)
@@ -43,7 +46,22 @@ def run_ours(llm, requests: list[BenchRequest], profile: bool = False) -> dict:
     assert all(len(o.outputs[0].token_ids) == r.output_len for o, r in zip(outs, requests)), "lost tokens"
     stats = llm.engine.stats
     return {**throughput_metrics(requests, elapsed), "preemptions": llm.engine.scheduler.num_preemptions,
-            "steps": stats.num_steps}
+            "steps": stats.num_steps, **stats.breakdown()}
+
+
+def run_async_off(args, requests: list[BenchRequest]) -> dict:
+    """Ours again with the async-scheduling switch flipped (a second engine, same workload)."""
+    from nanoflow import LLM
+    from nanoflow.config import engine_config_from_args
+    cfg = asdict(engine_config_from_args(args))
+    cfg["async_scheduling"] = not cfg["async_scheduling"]
+    llm = LLM(cfg.pop("model"), **cfg)
+    return {"system": _ours_label(args, cfg["async_scheduling"]), **run_ours(llm, requests)}
+
+
+def _ours_label(args, async_on: bool) -> str:
+    extra = (", async" if async_on else ", --no-async") if args.compare_async else ""
+    return f"nanoflow ({args.dtype}{extra})"
 
 
 @contextlib.contextmanager
@@ -90,14 +108,18 @@ def run_peers(args, llm, requests: list[BenchRequest]) -> list[dict]:
 
 def run(args: argparse.Namespace) -> int:
     from nanoflow import LLM
-    from nanoflow.bench.report import print_summary, write_json
+    from nanoflow.bench.report import print_step_breakdown, print_summary, write_json
     from nanoflow.config import engine_config_from_args
     cfg = asdict(engine_config_from_args(args))
     llm = LLM(cfg.pop("model"), **cfg)
     requests = sample_workload(args.workload, args.num_requests, args.workload_seed,
                                llm.model_config.vocab_size, llm.engine.max_model_len, args.max_input, args.max_output)
     peak, best = optimum(llm.model_config, llm.engine.dtype, args.dense_batch, args.peak_seconds)
-    rows = [{"system": f"nanoflow ({args.dtype})", **run_ours(llm, requests, args.profile)}]
+    rows = [{"system": _ours_label(args, llm.engine.config.async_scheduling),
+             **run_ours(llm, requests, args.profile)}]
+    if args.compare_async:
+        rows.append(run_async_off(args, requests))
+        print_step_breakdown(rows)
     rows += run_peers(args, llm, requests)
     for r in rows:
         r["pct_of_optimal"] = 100.0 * r["total_tokens_per_s"] / best

@@ -54,6 +54,21 @@ def print_breakdown(rows: list[tuple[str, float, float]], title: str) -> None:
     Console(width=max(Console().width, 150)).print(table)
 
 
+def print_step_breakdown(rows: list[dict]) -> None:
+    """Per-step CPU time by part and device idle time (LLMEngine.stats.breakdown) of our runs."""
+    cols = (("steps", "steps", "{:d}"), ("total tok/s", "total_tokens_per_s", "{:.1f}"),
+            ("schedule ms", "schedule_ms", "{:.2f}"), ("prepare ms", "prepare_ms", "{:.2f}"),
+            ("tokens+detok+stop ms", "process_ms", "{:.2f}"), ("CPU ms/step", "cpu_ms", "{:.2f}"),
+            ("device ms/step", "device_ms", "{:.1f}"), ("device idle", "device_idle_pct", "{:.1f}%"))
+    table = Table(title="engine thread CPU time per step, and device idle time between steps")
+    table.add_column("system", style="bold")
+    for header, _, _ in cols:
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row(str(row.get("system", "?")), *(_cell(row, k, f) for _, k, f in cols))
+    Console(width=max(Console().width, 150)).print(table)
+
+
 def write_json(path: str, payload: Any) -> None:
     """Write results as indented JSON, creating parent folders; non-JSON values (dtypes) become strings."""
     parent = os.path.dirname(path)

@@ -1,12 +1,17 @@
-"""The step loop: schedule -> run -> sample -> append, detokenize, stop checks, retire."""
+"""The step loop: schedule -> run -> sample -> append, detokenize, stop checks, retire.
+
+With async scheduling (default) step i+1 is scheduled, prepared and launched while step i runs on the device;
+step i's tokens are read back after that (async_exec.py)."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 from nanoflow.config import EngineConfig
+from nanoflow.engine.async_exec import DeviceClock, DeviceWorker, InFlightStep, run_timed
 from nanoflow.engine.kv_tiers import kv_cache_salt, make_kv_tiers
 from nanoflow.engine.request import Request
 from nanoflow.engine.runner import ModelRunner, kv_cache_blocks
@@ -14,6 +19,7 @@ from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
 from nanoflow.kernels import cpu_ext
 from nanoflow.models.loader import build_model, load_config, parse_dtype, resolve_model
 from nanoflow.outputs import CompletionOutput, RequestOutput
+from nanoflow.profiling import region
 from nanoflow.sampling_params import SamplingParams
 from nanoflow.tokenizer import IncrementalDetokenizer, load_tokenizer
 
@@ -35,6 +41,23 @@ class StepStats:
     step_time_s: float = 0.0
     prefix_hit_tokens: int = 0  # prompt tokens whose KV was reused from device blocks (not computed)
     tier_hit_tokens: int = 0  # prompt tokens whose KV was reloaded from the host/disk tiers (not computed)
+    # Where the engine thread's time goes (CPU) and how long the device sat idle between steps.
+    schedule_s: float = 0.0  # Scheduler.schedule
+    prepare_s: float = 0.0  # step metadata: token ids, positions, slots, block tables (runner.prepare)
+    process_s: float = 0.0  # reading tokens back: append, detokenize, stop checks, outputs
+    wait_s: float = 0.0  # engine thread blocked until the device finished a step
+    device_busy_s: float = 0.0  # forward + sampling
+    device_idle_s: float = 0.0  # gaps between consecutive steps while there was work
+
+    def breakdown(self) -> dict[str, float]:
+        """CPU ms per step by part and device idle %, for benchmarks."""
+        n = max(1, self.num_steps)
+        busy_idle = self.device_busy_s + self.device_idle_s
+        return {"schedule_ms": 1e3 * self.schedule_s / n, "prepare_ms": 1e3 * self.prepare_s / n,
+                "process_ms": 1e3 * self.process_s / n,
+                "cpu_ms": 1e3 * (self.schedule_s + self.prepare_s + self.process_s) / n,
+                "device_ms": 1e3 * self.device_busy_s / n,
+                "device_idle_pct": 100.0 * self.device_idle_s / busy_idle if busy_idle else 0.0}
 
 
 class LLMEngine:
@@ -66,6 +89,10 @@ class LLMEngine:
         self.groups: dict[str, RequestGroup] = {}
         self._owner: dict[str, RequestGroup] = {}
         self.stats = StepStats()
+        self._worker = DeviceWorker(self.runner) if config.async_scheduling else None
+        self._in_flight: deque[InFlightStep] = deque()  # launched, tokens not read back yet (async: at most 1)
+        self._clock = DeviceClock()
+        self.scheduler.kv_fence = self._wait_for_steps_of
 
     # ---- requests in and out ----
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -95,31 +122,78 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         group = self.groups.pop(request_id, None)
         for c in group.children if group else []:
+            self._wait_for_steps_of(c)  # KV is freed at once: no step in flight may still write it
+            for f in self._in_flight:  # finished earlier, release was waiting for that step
+                if any(r is c for r in f.release_after):
+                    f.release_after = [r for r in f.release_after if r is not c]
+                    self.scheduler.release_kv(c)
             if not c.is_finished:
                 self.scheduler.finish(c, "abort")
             self._retire(c)
             self._owner.pop(c.request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.groups)
+        return bool(self.groups or self._in_flight)
 
     # ---- the loop ----
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step, then read back the oldest step in flight. Async: the step just launched
+        stays in flight (its tokens are read by the next call), so an EOS is seen one step late."""
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        reqs, result = self.runner.execute(batch)
-        self.stats.num_steps += 1
-        self.stats.prompt_tokens += sum(c.num_tokens for c in batch.prefills)
-        self.stats.prefix_hit_tokens = self.scheduler.num_prefix_hit_tokens
-        self.stats.tier_hit_tokens = self.scheduler.num_tier_hit_tokens
-        touched = {id(self._owner[c.req.request_id]): self._owner[c.req.request_id] for c in batch.chunks}
-        for i, req in enumerate(reqs):
-            self._append_token(req, result.token_ids[i], result.logprobs[i])
-        self.stats.generated_tokens += len(reqs)
+        self.stats.schedule_s += time.perf_counter() - t0
+        if batch:
+            self._in_flight.append(self._launch(batch))
+            self.stats.num_steps += 1
+            self.stats.prompt_tokens += sum(c.num_tokens for c in batch.prefills)
+            self.stats.prefix_hit_tokens = self.scheduler.num_prefix_hit_tokens
+            self.stats.tier_hit_tokens = self.scheduler.num_tier_hit_tokens
+        keep = 1 if self._worker is not None and batch else 0
+        outputs = self._read_back(self._in_flight.popleft()) if len(self._in_flight) > keep else []
         self.stats.step_time_s += time.perf_counter() - t0
-        return [self._make_output(g) for g in touched.values()]
+        return outputs
+
+    def _launch(self, batch) -> InFlightStep:
+        t0 = time.perf_counter()
+        with region("nanoflow::prepare inputs"):
+            inp = self.runner.prepare(batch)
+        for req in inp.sample_reqs:
+            req.num_output_placeholders += 1
+        self.stats.prepare_s += time.perf_counter() - t0
+        if self._worker is not None:
+            return self._worker.launch(batch, inp)
+        return InFlightStep(batch, inp, done=run_timed(self.runner, inp))
+
+    def _read_back(self, flight: InFlightStep) -> list[RequestOutput]:
+        """Append a finished step's tokens, detokenize, check stops; drop tokens of requests retired meanwhile."""
+        t0 = time.perf_counter()
+        result, timing = flight.wait()
+        token_ids = result.token_ids if result is not None else []  # (GPU: waits for the pinned copy)
+        t1 = time.perf_counter()
+        self.stats.wait_s += t1 - t0
+        self._clock.account(self.stats, timing)
+        touched = {id(g): g for c in flight.batch.chunks if not c.req.is_finished
+                   for g in (self._owner[c.req.request_id],)}
+        for i, req in enumerate(flight.inputs.sample_reqs):
+            req.num_output_placeholders -= 1
+            if req.is_finished:  # EOS/stop/abort seen after this step launched: its extra token is discarded
+                continue
+            self._append_token(req, token_ids[i], result.logprobs[i])
+            self.stats.generated_tokens += 1
+        for req in flight.release_after:  # the step that still wrote their KV has completed
+            self.scheduler.release_kv(req)
+            self._retire(req)
+        if not self._in_flight and not self.scheduler.has_unfinished():
+            self._clock.reset()  # nothing to do: the device idling now is not a scheduling gap
+        outputs = [self._make_output(g) for g in touched.values()]
+        self.stats.process_s += time.perf_counter() - t1
+        return outputs
+
+    def _wait_for_steps_of(self, req: Request) -> None:
+        """Block until no step in flight writes `req`'s KV (before its blocks are freed at once)."""
+        for f in self._in_flight:
+            if f.holds(req):
+                f.wait()
 
     def _append_token(self, req: Request, token: int, logprob: dict | None) -> None:
         group = self._owner[req.request_id]
@@ -152,8 +226,12 @@ class LLMEngine:
 
     def _finish(self, req: Request, reason: str, stop_reason) -> None:
         req.stop_reason = stop_reason
-        self.scheduler.finish(req, reason)
-        self._retire(req)
+        holder = next((f for f in self._in_flight if f.holds(req)), None)
+        self.scheduler.finish(req, reason, release_kv=holder is None)
+        if holder is None:
+            self._retire(req)
+        else:  # async: the step in flight still writes its KV; free it once that step completes
+            holder.release_after.append(req)
 
     def _retire(self, req: Request) -> None:
         self.runner.sampler.release(req)

@@ -29,6 +29,8 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # hash chain of full blocks of known tokens
     num_cached_blocks: int = 0  # leading blocks of block_table already registered in the prefix cache
     num_preemptions: int = 0
+    # Tokens sampled by launched steps that the engine has not read back yet (async scheduling: at most one).
+    num_output_placeholders: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     logprobs: list[dict] = field(default_factory=list)
     text: str = ""
@@ -57,7 +59,7 @@ class Request:
     @property
     def in_prefill(self) -> bool:
         """True while tokens other than the newest are still missing from the KV cache."""
-        return self.num_computed_tokens < self.num_tokens - 1
+        return self.num_computed_tokens < self.num_tokens + self.num_output_placeholders - 1
 
     def token_at(self, i: int) -> int:
         p = self.num_prompt_tokens

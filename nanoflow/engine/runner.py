@@ -1,12 +1,13 @@
 """Model runner: owns weights and the paged KV cache, turns a ScheduledBatch into tensors and runs it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 
 import torch
 
 from nanoflow.engine.kv_tiers import scatter_blocks
-from nanoflow.engine.sampler import SampleResult, Sampler
+from nanoflow.engine.sampler import SampleResult, SampleRow, Sampler
 from nanoflow.engine.scheduler import ScheduledBatch
 from nanoflow.flow.executor import make_executor
 from nanoflow.kernels.attention import AttentionMetadata, PrefillChunk
@@ -16,11 +17,20 @@ from nanoflow.profiling import region
 
 @dataclass
 class StepInputs:
+    """Everything the device work of one step reads, built on the scheduling thread. A snapshot: in async mode
+    the step runs on a worker thread while the engine goes on mutating the Requests."""
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
     sample_rows: torch.Tensor
-    sample_reqs: list
+    sample_reqs: list  # for the engine only; the device side reads `sample_specs`
+    sample_specs: list[SampleRow] = field(default_factory=list)
+    step_id: int = 0
+    # Rows whose input token was sampled by the previous step and is not known on the CPU yet (async):
+    # the worker copies them from that step's sampled-token tensor (indices `fill_src`) without a round trip.
+    fill_rows: torch.Tensor | None = None
+    fill_src: torch.Tensor | None = None
+    kv_loads: list = field(default_factory=list)  # (block ids, staging) reloaded from a KV tier before the step
 
 
 def kv_cache_blocks(cfg: ModelConfig, dtype: torch.dtype, block_size: int, memory_gb: float) -> int:
@@ -32,24 +42,38 @@ class ModelRunner:
     def __init__(self, model, cfg: ModelConfig, dtype: torch.dtype, num_blocks: int, block_size: int,
                  seed: int = 0, executor: str = "sequential", plan: str | None = None, dense_batch: int = 256) -> None:
         self.model, self.cfg, self.dtype, self.block_size = model, cfg, dtype, block_size
+        self.device = next(model.parameters()).device
         # How each step's layers run (nanoflow/flow): called like the model, returns the final hidden states.
-        self.executor = make_executor(executor, plan, model, next(model.parameters()).device, dense_batch)
+        self.executor = make_executor(executor, plan, model, self.device, dense_batch)
         shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_layers)]
         self.sampler = Sampler(seed)
+        self._step_id = 0
+        self._prev_rows: dict[str, int] = {}  # request id -> its row in the last prepared step's samples
+        self._prev_tokens: torch.Tensor | None = None  # last run step's sampled tokens (device side)
+        self._ran_step = 0
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        ids, pos, slots, sample_rows, sample_reqs = [], [], [], [], []
+        """Host side of a step (scheduling thread): token ids, positions, slots, block tables, sampling rows."""
+        ids, pos, slots, sample_rows, sample_reqs, specs, fill_rows, fill_src = [], [], [], [], [], [], [], []
         bs = self.block_size
         for c in batch.chunks:
-            table = c.req.block_table
+            req, table = c.req, c.req.block_table
+            known = req.num_tokens
             for p in range(c.start, c.start + c.num_tokens):
-                ids.append(c.req.token_at(p))
+                if p >= known:  # sampled by the step in flight: comes from its token tensor on the device
+                    assert p == known and c.num_tokens == 1, "only a decode row may wait for an in-flight token"
+                    fill_rows.append(len(ids))
+                    fill_src.append(self._prev_rows[req.request_id])
+                ids.append(req.token_at(p) if p < known else 0)
                 pos.append(p)
                 slots.append(table[p // bs] * bs + p % bs)
             if c.samples:
-                sample_rows.append(len(ids) - 1)
-                sample_reqs.append(c.req)
+                row = len(ids) - 1
+                sample_rows.append(row)
+                sample_reqs.append(req)
+                specs.append(SampleRow.of(req, row if fill_rows and fill_rows[-1] == row else -1))
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long))
         self._decode_meta(batch, meta)
         row = len(batch.decodes)
@@ -58,8 +82,13 @@ class ModelRunner:
             table = torch.tensor(c.req.block_table[: -(-ctx // bs)], dtype=torch.long)
             meta.prefills.append(PrefillChunk(row, c.num_tokens, ctx, table))
             row += c.num_tokens
+        self._step_id += 1
+        self._prev_rows = {r.request_id: i for i, r in enumerate(sample_reqs)}
+        fill = (torch.tensor(fill_rows, dtype=torch.long), torch.tensor(fill_src, dtype=torch.long)) if fill_rows \
+            else (None, None)
         return StepInputs(torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), meta,
-                          torch.tensor(sample_rows, dtype=torch.long), sample_reqs)
+                          torch.tensor(sample_rows, dtype=torch.long), sample_reqs, specs, self._step_id, *fill,
+                          kv_loads=list(batch.kv_loads))
 
     def _decode_meta(self, batch: ScheduledBatch, meta: AttentionMetadata) -> None:
         if not batch.decodes:
@@ -76,14 +105,48 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list, SampleResult | None]:
-        """Run one step; returns the requests that sampled and what they sampled."""
-        for block_ids, staging in batch.kv_loads:  # KV reloaded from the host/disk tier, before it is read
-            scatter_blocks(self.kv_caches, block_ids, staging)
+        """Run one step synchronously; returns the requests that sampled and what they sampled."""
         with region("nanoflow::prepare inputs"):
             inp = self.prepare(batch)
-        hidden = self.executor(inp.input_ids, inp.positions, inp.meta, self.kv_caches)
-        if not inp.sample_reqs:
-            return [], None
-        logits = self.model.compute_logits(hidden[inp.sample_rows])
-        with region("nanoflow::sampling"):
-            return inp.sample_reqs, self.sampler(logits, inp.sample_reqs)
+        return inp.sample_reqs, self.run(inp)
+
+    @torch.inference_mode()  # thread-local: set here too, since the async worker thread calls run() directly
+    def run(self, inp: StepInputs) -> SampleResult | None:
+        """Device side of a step: forward + sampling. Steps run strictly in the order they were prepared (one
+        worker thread / one CUDA stream), so a step may read tokens and KV that the previous one writes."""
+        assert inp.step_id == self._ran_step + 1, "steps must run in the order they were prepared"
+        self._ran_step = inp.step_id
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            if self.device.type != "cpu":
+                _to_device(inp, self.device)
+            for blocks, staging in inp.kv_loads:  # in step order, before the step reads those pages
+                scatter_blocks(self.kv_caches, blocks, staging)
+            if inp.fill_rows is not None:
+                inp.input_ids[inp.fill_rows] = self._prev_tokens[inp.fill_src]
+            hidden = self.executor(inp.input_ids, inp.positions, inp.meta, self.kv_caches)
+            if not inp.sample_specs:
+                self._prev_tokens = None
+                return None
+            logits = self.model.compute_logits(hidden[inp.sample_rows])
+            with region("nanoflow::sampling"):
+                result = self.sampler(logits, inp.sample_specs, inp.input_ids)
+            self._prev_tokens = result.tokens
+            if self.stream is not None:  # tokens go up through pinned memory; the engine waits on the event
+                result.host_tokens = torch.empty(result.tokens.shape, dtype=result.tokens.dtype, pin_memory=True)
+                result.host_tokens.copy_(result.tokens, non_blocking=True)
+                result.ready = torch.cuda.Event()
+                result.ready.record(self.stream)
+            return result
+
+
+def _to_device(inp: StepInputs, device: torch.device) -> None:
+    """Host-built step tensors to the device (non-blocking: ordered on the step's stream)."""
+    def mv(t):
+        return None if t is None else t.pin_memory().to(device, non_blocking=True)
+    inp.input_ids, inp.positions, inp.sample_rows = mv(inp.input_ids), mv(inp.positions), mv(inp.sample_rows)
+    inp.fill_rows, inp.fill_src = mv(inp.fill_rows), mv(inp.fill_src)
+    m = inp.meta
+    m.slot_mapping, m.decode_block_tables = mv(m.slot_mapping), mv(m.decode_block_tables)
+    m.decode_context_lens = mv(m.decode_context_lens)
+    for p in m.prefills:
+        p.block_table = mv(p.block_table)

@@ -8,12 +8,41 @@ import torch
 
 from nanoflow.engine.request import Request
 from nanoflow.kernels import cpu_ext
+from nanoflow.sampling_params import SamplingParams
+
+
+@dataclass
+class SampleRow:
+    """What the sampler needs of one request, copied when the step is prepared: in async mode the step runs
+    on a worker thread while the engine mutates the Request, so the sampler never reads a Request."""
+    request_id: str
+    params: SamplingParams
+    history: list[int] | None = None  # prompt + known output ids (only when penalties are on)
+    num_prompt: int = 0
+    pending_row: int = -1  # input row whose token (sampled by the previous step) is not known yet; -1: none
+
+    @classmethod
+    def of(cls, req: Request, pending_row: int = -1) -> "SampleRow":
+        p = req.params
+        hist = req.all_token_ids if p.needs_penalties else None
+        return cls(req.request_id, p, hist, req.num_prompt_tokens, pending_row)
 
 
 @dataclass
 class SampleResult:
-    token_ids: list[int]
+    tokens: torch.Tensor  # [rows] on the device: feeds the next step's input ids in async mode
     logprobs: list[dict | None]  # per row: {"logprob", "top": [(id, logprob), ...]} or None
+    host_tokens: torch.Tensor | None = None  # pinned copy in flight (CUDA), ready once `ready` fires
+    ready: object = None  # a CUDA event, or None
+    _ids: list[int] | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        if self._ids is None:
+            if self.ready is not None:
+                self.ready.synchronize()
+            self._ids = (self.host_tokens if self.host_tokens is not None else self.tokens).tolist()
+        return self._ids
 
 
 class Sampler:
@@ -21,58 +50,66 @@ class Sampler:
         self._generators: dict[str, torch.Generator] = {}
         self._shared = torch.Generator().manual_seed(seed)
 
-    def generator(self, req: Request) -> torch.Generator:
-        if req.params.seed is None:
+    def generator(self, row: SampleRow) -> torch.Generator:
+        if row.params.seed is None:
             return self._shared
-        g = self._generators.get(req.request_id)
+        g = self._generators.get(row.request_id)
         if g is None:
-            g = self._generators[req.request_id] = torch.Generator().manual_seed(req.params.seed)
+            g = self._generators[row.request_id] = torch.Generator().manual_seed(row.params.seed)
         return g
 
     def release(self, req: Request) -> None:
         self._generators.pop(req.request_id, None)
 
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
-        if all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties for r in reqs):
-            return SampleResult(_argmax(logits).tolist(), [None] * len(reqs))  # the throughput-job path
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow], input_ids: torch.Tensor) -> SampleResult:
+        """`input_ids` (the step's resolved input tokens) supplies the newest token of a row whose history
+        ends in a token the engine has not read back yet (async scheduling)."""
+        if all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties for r in rows):
+            return SampleResult(_argmax(logits), [None] * len(rows))  # the throughput-job path
         logits = logits.float()
-        want_lp = [r.params.logprobs is not None for r in reqs]
+        want_lp = [r.params.logprobs is not None for r in rows]
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
-        greedy = [r.params.greedy for r in reqs]
+        greedy = [r.params.greedy for r in rows]
         tokens = logits.argmax(dim=-1)
-        if not all(greedy) or any(r.params.needs_penalties for r in reqs):
-            self._apply_penalties(logits, reqs)
+        if not all(greedy) or any(r.params.needs_penalties for r in rows):
+            self._apply_penalties(logits, rows, input_ids)
             tokens = logits.argmax(dim=-1)
-            rows = [i for i, g in enumerate(greedy) if not g]
-            if rows:
-                tokens[rows] = self._sample_rows(logits[rows], [reqs[i] for i in rows])
-        token_list = tokens.tolist()
-        lps = [self._logprobs(raw_lp[i], token_list[i], reqs[i].params.logprobs) if want_lp[i] else None
-               for i in range(len(reqs))]
-        return SampleResult(token_list, lps)
+            idx = [i for i, g in enumerate(greedy) if not g]
+            if idx:
+                tokens[idx] = self._sample_rows(logits[idx], [rows[i] for i in idx])
+        lps = [None] * len(rows)
+        if any(want_lp):  # logprobs are read on the worker (a device sync on a GPU; off the hot path)
+            token_list = tokens.tolist()
+            lps = [self._logprobs(raw_lp[i], token_list[i], rows[i].params.logprobs) if want_lp[i] else None
+                   for i in range(len(rows))]
+        return SampleResult(tokens, lps)
 
     @staticmethod
-    def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:
-        for i, r in enumerate(reqs):
+    def _apply_penalties(logits: torch.Tensor, rows: list[SampleRow], input_ids: torch.Tensor) -> None:
+        for i, r in enumerate(rows):
             p = r.params
             if not p.needs_penalties:
                 continue
             row = logits[i]
+            hist = torch.tensor(r.history, dtype=torch.long, device=row.device)
+            if r.pending_row >= 0:  # the token sampled by the previous step, still on the device
+                hist = torch.cat([hist, input_ids[r.pending_row:r.pending_row + 1].to(row.device)])
             if p.repetition_penalty != 1.0:  # HF/vLLM rule over prompt and output tokens
-                seen = torch.tensor(sorted(set(r.all_token_ids)), dtype=torch.long)
+                seen = torch.unique(hist)
                 vals = row[seen]
                 row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-            if r.output_token_ids and (p.presence_penalty or p.frequency_penalty):  # OpenAI rule, output only
-                counts = torch.bincount(torch.tensor(r.output_token_ids), minlength=row.numel()).float()
-                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+            out = hist[r.num_prompt:]
+            if out.numel() and (p.presence_penalty or p.frequency_penalty):  # OpenAI rule, output only
+                counts = torch.bincount(out, minlength=row.numel()).to(row.dtype)
+                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
-    def _sample_rows(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        temps = torch.tensor([r.params.temperature for r in reqs]).unsqueeze(1)
+    def _sample_rows(self, logits: torch.Tensor, reqs: list[SampleRow]) -> torch.Tensor:
+        temps = torch.tensor([r.params.temperature for r in reqs], device=logits.device).unsqueeze(1)
         probs = torch.softmax(logits / temps, dim=-1)
         probs = _filter(probs, reqs)
         # Exponential race (Gumbel-max in probability space): one draw per row from its own generator.
         noise = torch.stack([torch.empty(probs.shape[1]).exponential_(generator=self.generator(r)) for r in reqs])
-        return (probs / noise).argmax(dim=-1)
+        return (probs / noise.to(probs.device)).argmax(dim=-1)
 
     @staticmethod
     def _logprobs(lp: torch.Tensor, token: int, k: int) -> dict:
@@ -90,7 +127,7 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     return ext.argmax_rows(logits) if ext is not None else logits.argmax(dim=-1)
 
 
-def _filter(probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+def _filter(probs: torch.Tensor, reqs: list[SampleRow]) -> torch.Tensor:
     """Zero out tokens removed by top-k, top-p and min-p (per row), then renormalize."""
     top_k = [r.params.top_k if r.params.top_k > 0 else probs.shape[1] for r in reqs]
     top_p = [r.params.top_p for r in reqs]
@@ -98,11 +135,12 @@ def _filter(probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     if all(k == probs.shape[1] for k in top_k) and all(p >= 1.0 for p in top_p) and not any(min_p):
         return probs
     sorted_p, idx = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(probs.shape[1]).unsqueeze(0)
-    drop = rank >= torch.tensor(top_k).unsqueeze(1)
+    dev = probs.device
+    rank = torch.arange(probs.shape[1], device=dev).unsqueeze(0)
+    drop = rank >= torch.tensor(top_k, device=dev).unsqueeze(1)
     cum = sorted_p.cumsum(dim=-1)
-    drop |= (cum - sorted_p) >= torch.tensor(top_p).unsqueeze(1)  # keep the smallest set reaching top_p
-    drop |= sorted_p < torch.tensor(min_p).unsqueeze(1) * sorted_p[:, :1]
+    drop |= (cum - sorted_p) >= torch.tensor(top_p, device=dev).unsqueeze(1)  # keep the smallest set reaching top_p
+    drop |= sorted_p < torch.tensor(min_p, device=dev).unsqueeze(1) * sorted_p[:, :1]
     drop[:, 0] = False  # the most likely token always survives
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     out = torch.zeros_like(probs).scatter_(1, idx, sorted_p)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from nanoflow.engine.block_manager import BlockManager, blocks_needed
 from nanoflow.engine.request import Request, RequestStatus
@@ -29,8 +30,8 @@ class ScheduledChunk:
 
     @property
     def samples(self) -> bool:
-        """The step ends at the newest token, so a next token is sampled."""
-        return self.start + self.num_tokens == self.req.num_tokens
+        """The step ends at the newest token, so a next token is sampled (valid until the step launches)."""
+        return self.start + self.num_tokens == self.req.num_tokens + self.req.num_output_placeholders
 
 
 @dataclass
@@ -64,6 +65,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self._avg_output_len: float | None = None  # learned from finished requests
+        # Async scheduling: called before a running request's KV is freed by preemption, so that a step in
+        # flight that still writes those blocks completes first (the engine waits for it).
+        self.kv_fence: Callable[[Request], None] | None = None
 
     def check_fits(self, req: Request) -> None:
         """Reject up front what could never run, instead of letting it wait forever."""
@@ -83,18 +87,25 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, req: Request, reason: str) -> None:
+    def finish(self, req: Request, reason: str, release_kv: bool = True) -> None:
+        """`release_kv=False`: a step in flight still writes the request's KV (async scheduling); the engine
+        calls release_kv() once that step has completed."""
         req.status, req.finish_reason = RequestStatus.FINISHED, reason
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        if self.kv_tiers is not None and reason != "abort":
-            self._offload(req)
-        self.block_manager.free(req)
+        if release_kv:
+            self.release_kv(req)
         if reason != "abort":
             n = len(req.output_token_ids)
             self._avg_output_len = n if self._avg_output_len is None else 0.9 * self._avg_output_len + 0.1 * n
+
+    def release_kv(self, req: Request) -> None:
+        """Offload (KV tiers) and free a finished request's blocks."""
+        if self.kv_tiers is not None and req.finish_reason != "abort":
+            self._offload(req)
+        self.block_manager.free(req)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -103,8 +114,8 @@ class Scheduler:
             budget = self._schedule_decodes(batch, self.config.dense_batch)
             budget = self._schedule_running_prefills(batch, budget)
             self._admit_waiting(batch, budget)
-            if batch or not self.running:
-                break
+            if batch or not self.running or any(r.num_output_placeholders for r in self.running):
+                break  # (a step in flight will change things: no need to preempt)
             # Every running request is a half-done prefill that cannot grow: free the newest.
             self._preempt(self.running[-1], batch)
         for chunk in batch.chunks:  # optimistic: KV for these tokens exists once the step runs
@@ -115,7 +126,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.in_prefill:
+            if req.in_prefill or self._reached_limit(req):
                 i += 1
                 continue
             while not self.block_manager.grow(req, 1):
@@ -130,6 +141,16 @@ class Scheduler:
                 budget -= 1
                 i += 1
         return budget
+
+    def _reached_limit(self, req: Request) -> bool:
+        """A token in flight (async) already takes the request to max_tokens or the context length: a step
+        more would compute a token that is thrown away. The engine retires it when the token is read."""
+        if not req.num_output_placeholders:
+            return False
+        total = req.num_tokens + req.num_output_placeholders
+        max_tokens = req.params.max_tokens
+        return (max_tokens is not None and total - req.num_prompt_tokens >= max_tokens) \
+            or total >= self.config.max_model_len
 
     def _schedule_running_prefills(self, batch: ScheduledBatch, budget: int) -> int:
         for req in list(self.running):
@@ -146,6 +167,8 @@ class Scheduler:
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.num_output_placeholders:  # preempted while its token was in flight: prefill once it is known
+                break
             hits = self.block_manager.match_prefix(req)
             if self.running and not self._fits_predicted_peak(req, hits):
                 break
@@ -228,6 +251,8 @@ class Scheduler:
     def _preempt(self, req: Request, batch: ScheduledBatch) -> None:
         """Free the request's KV and send it back to the front of the queue; it recomputes later."""
         self.running.remove(req)
+        if self.kv_fence is not None:
+            self.kv_fence(req)
         self.block_manager.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING

@@ -10,9 +10,12 @@ void rope_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_si
 torch::Tensor argmax_rows(torch::Tensor logits);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "paged decode attention");
-  m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual) * w (in place)");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
-  m.def("argmax_rows", &argmax_rows, "row-wise argmax (first maximum)");
-  m.def("rope_inplace", &rope_inplace, "rotate-half RoPE in place on q and k heads");
+  // The GIL is released while a kernel runs (tensors only, no Python objects): with async scheduling the
+  // engine thread schedules the next step meanwhile.
+  using nogil = py::call_guard<py::gil_scoped_release>;
+  m.def("paged_decode", &paged_decode, "paged decode attention", nogil());
+  m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual) * w (in place)", nogil());
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", nogil());
+  m.def("argmax_rows", &argmax_rows, "row-wise argmax (first maximum)", nogil());
+  m.def("rope_inplace", &rope_inplace, "rotate-half RoPE in place on q and k heads", nogil());
 }
