@@ -83,9 +83,20 @@ def test_issue_sequence_respects_orders_and_dependencies():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
 def test_cuda_units_fail_clearly_without_a_gpu():
+    from nanoflow.flow.cuda_graphs import GraphedStep
     from nanoflow.flow.plan import Unit
     with pytest.raises(RuntimeError, match="need a GPU"):
         cu.CudaUnits([Unit("compute", ["compute"], 0.5), Unit("memory", ["memory"], 0.5)])
+    with pytest.raises(RuntimeError, match="need a GPU"):
+        GraphedStep(object(), "plan")
+
+
+def test_plan_fingerprint_keys_graphs_by_plan_content():
+    from nanoflow.flow.cuda_graphs import plan_fingerprint
+    from nanoflow.flow.plan import overlap_plan, sequential_plan
+    assert plan_fingerprint(overlap_plan(None, 64)) == plan_fingerprint(overlap_plan(None, 64))
+    assert plan_fingerprint(overlap_plan(None, 64)) != plan_fingerprint(overlap_plan(None, 64, split=16))
+    assert plan_fingerprint(overlap_plan(None, 64)) != plan_fingerprint(sequential_plan(None, 64))
 
 
 def _tiny_model():

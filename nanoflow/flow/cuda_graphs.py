@@ -7,12 +7,22 @@ NOT RUN ON A GPU in this project (no device was available); the keying and cache
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from nanoflow.flow.cuda_units import GraphCache, GraphKey, graph_key
 from nanoflow.kernels.attention import AttentionMetadata, PrefillChunk
+
+log = logging.getLogger(__name__)
+
+
+def plan_fingerprint(plan) -> str:
+    """A short id of a plan's content (graphs captured under one plan are not valid under another)."""
+    return hashlib.sha1(json.dumps(plan.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -51,12 +61,24 @@ def _static_meta(meta: AttentionMetadata, key: GraphKey, block_size: int, device
 class GraphedStep:
     """Wraps an executor (`executor(input_ids, positions, meta, kv_caches) -> hidden`) with CUDA-graph replay."""
 
-    def __init__(self, executor, plan_id: str, block_size: int, capacity: int = 16) -> None:
+    def __init__(self, executor, plan_id: str | None = None, capacity: int = 16) -> None:
         if not torch.cuda.is_available():
-            raise RuntimeError("CUDA graphs need a GPU (torch.cuda.is_available() is False)")
-        self.executor, self.plan_id, self.block_size = executor, plan_id, block_size
+            raise RuntimeError("CUDA graphs need a GPU: torch.cuda.is_available() is False")
+        self.executor, self.disabled = executor, False
+        self.plan_id = plan_id or plan_fingerprint(executor.plan)
         self.cache = GraphCache(capacity)
         self.pool = torch.cuda.graph_pool_handle()  # graphs replay one at a time: one memory pool
+
+    def __getattr__(self, name):  # plan, close, ... of the wrapped executor
+        return getattr(self.executor, name)
+
+    @property
+    def trace(self):
+        return self.executor.trace
+
+    @trace.setter
+    def trace(self, value) -> None:
+        self.executor.trace = value
 
     def key(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> GraphKey:
         width = 0 if meta.decode_block_tables is None else meta.decode_block_tables.shape[1]
@@ -64,11 +86,16 @@ class GraphedStep:
 
     def __call__(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
         key = self.key(input_ids, meta)
-        entry = self.cache.get(key)
+        entry = None if self.disabled else self.cache.get(key)
         if entry is None:
-            if not self.cache.should_capture(key):  # first sight: eager (also warms up kernels / Triton JIT)
+            if self.disabled or not self.cache.should_capture(key):  # first sight: eager (warms up kernels)
                 return self.executor(input_ids, positions, meta, kv_caches)
-            entry = self._capture(key, input_ids, positions, meta, kv_caches)
+            try:
+                entry = self._capture(key, input_ids, positions, meta, kv_caches)
+            except Exception as e:  # an op that cannot be captured: say so once, run eagerly from now on
+                log.warning("CUDA graph capture failed (%s: %s); running steps without graphs", type(e).__name__, e)
+                self.disabled = True
+                return self.executor(input_ids, positions, meta, kv_caches)
             self.cache.put(key, entry)
         entry.load(input_ids, positions, meta)
         entry.graph.replay()
@@ -77,7 +104,7 @@ class GraphedStep:
     def _capture(self, key, input_ids, positions, meta, kv_caches) -> _Captured:
         dev = kv_caches[0].device
         ids, pos = input_ids.to(dev).clone(), positions.to(dev).clone()
-        smeta = _static_meta(meta, key, self.block_size, dev)
+        smeta = _static_meta(meta, key, kv_caches[0].shape[2], dev)
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(dev)
         with torch.cuda.graph(graph, pool=self.pool):

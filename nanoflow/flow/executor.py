@@ -19,6 +19,7 @@ Setting `executor.trace = []` records (unit name, task, start s, end s) per nano
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -89,15 +90,22 @@ class Executor:
     def __init__(self, plan: Plan, model) -> None:
         validate(plan, layer_operations(model.cfg))
         self.plan, self.model = plan, model
-        self.trace: list | None = None  # set to [] to record nano-op timings
+        self.trace: list | None = None  # set to [] to record nano-op timings of the following steps
+        self.trace_steps: list[tuple[int, int, int]] = []  # per traced step: (tokens, decode tokens, events)
 
     @torch.inference_mode()
     def __call__(self, input_ids, positions, meta, kv_caches) -> torch.Tensor:
         state = StepState(self.model, input_ids, positions, meta, kv_caches, split=self.kind != "sequential")
-        self.run(state)
+        trace = self.trace  # whole steps only: tracing switched on mid-step starts with the next one
+        record = [] if trace is not None else None
+        self.run(state, record)
+        if trace is not None:
+            trace.extend(record)
+            self.trace_steps.append((state.num_tokens, meta.num_decode, len(record)))
         return final_hidden(self.model, state)
 
-    def run(self, state: StepState) -> None:
+    def run(self, state: StepState, trace: list | None = None) -> None:
+        """All layers of the step; appends (unit, task, start s, end s) per nano-op to `trace` if given."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -114,16 +122,16 @@ class SingleUnitExecutor(Executor):
         by_id = {(t.op, t.index): t for ts in self.program.tasks for t in ts}
         self.sequence = [by_id[n] for n in issue_order(plan)]
 
-    def run(self, state: StepState) -> None:
+    def run(self, state: StepState, trace: list | None = None) -> None:
         t, model = state.num_tokens, self.model
         for layer in range(len(model.layers)):
             for task in self.sequence:
                 a, b = task.rows(t)
-                t0 = time.perf_counter() if self.trace is not None else 0.0
+                t0 = time.perf_counter() if trace is not None else 0.0
                 run_op(model, layer, task.op, state, a, b)
-                if self.trace is not None and a < b:
-                    self.trace.append(("main", NanoTask(layer, task.op, task.index, a, b, task.last, 0, ()),
-                                       t0, time.perf_counter()))
+                if trace is not None and a < b:
+                    trace.append(("main", NanoTask(layer, task.op, task.index, a, b, task.last, 0, ()),
+                                  t0, time.perf_counter()))
 
 
 class OverlapExecutor(Executor):
@@ -139,7 +147,7 @@ class OverlapExecutor(Executor):
             from nanoflow.flow.cpu_units import CpuUnits
             self.units = CpuUnits(plan.units, device)
 
-    def run(self, state: StepState) -> None:
+    def run(self, state: StepState, trace: list | None = None) -> None:
         t, model = state.num_tokens, self.model
         unit_op = getattr(self.units, "run_op", None)  # a backend's own op runner (CUDA: SM-limited kernels)
 
@@ -148,7 +156,7 @@ class OverlapExecutor(Executor):
                 unit_op(model, task, state, *task.rows(t))
             else:
                 run_op(model, task.layer, task.op, state, *task.rows(t))
-        self.units.run(self.program, fn, self.trace, t)
+        self.units.run(self.program, fn, trace, t)
 
     def close(self) -> None:
         self.units.close()
@@ -176,6 +184,8 @@ def make_executor(kind: str, plan, model, device=None, dense_batch: int = 256) -
         raise ValueError(f"unknown executor {kind!r}: choose one of {', '.join(EXECUTORS)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     p = resolve_plan(plan, kind, model, dense_batch, device)
-    if kind == "overlap":
-        return OverlapExecutor(p, model, device)
-    return SingleUnitExecutor(p, model, kind)
+    ex = OverlapExecutor(p, model, device) if kind == "overlap" else SingleUnitExecutor(p, model, kind)
+    if device.type == "cuda" and os.environ.get("NANOFLOW_CUDA_GRAPHS", "1") != "0":
+        from nanoflow.flow.cuda_graphs import GraphedStep  # C2: whole step as one CUDA graph per step shape
+        return GraphedStep(ex)
+    return ex
