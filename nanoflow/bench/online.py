@@ -168,11 +168,15 @@ def run(args: argparse.Namespace) -> int:
     runs = []
     for label, url in _servers(args.url):
         model, card = _server_info(url, args.model)
-        requests = sample_workload(args.workload, args.num_requests, args.workload_seed,
-                                   card.get("vocab_size", 32000), card["max_model_len"], args.max_input,
-                                   args.max_output)
-        asyncio.run(run_load(url, model, requests[:2], float("inf"), 1.0, 0, args.timeout))  # warm-up
-        for rate in rates:
+
+        def sample(seed: int) -> list[BenchRequest]:
+            return sample_workload(args.workload, args.num_requests, seed, card.get("vocab_size", 32000),
+                                   card["max_model_len"], args.max_input, args.max_output)
+        asyncio.run(run_load(url, model, sample(args.workload_seed - 1)[:2], float("inf"), 1.0, 0,
+                             args.timeout))  # warm-up
+        for i, rate in enumerate(rates):
+            # A fresh sample per rate (same for every server): earlier runs must not hit the prefix cache.
+            requests = sample(args.workload_seed + i)
             results, duration = asyncio.run(run_load(url, model, requests, rate, args.burstiness,
                                                      args.workload_seed, args.timeout))
             s = summarize(results, duration, args.slo_normalized_ms, args.slo_ttft_ms)

@@ -123,22 +123,29 @@ class AsyncEngine:
 
     # ---- engine thread ----
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            busy = self.engine.has_unfinished_requests()
-            self._apply_commands(block=not busy)
-            if not self.engine.has_unfinished_requests():
-                self._publish()
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as e:  # a bug, not bad input: fail what is in flight, keep serving
-                log.error("engine step failed:\n%s", traceback.format_exc())
-                self._fail_all(RuntimeError(f"engine error: {e}"))
-                continue
-            now = time.perf_counter()
-            for out in outputs:
-                self._deliver(out, now)
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._iteration()
+                except Exception as e:  # a bug, not bad input: fail what is in flight, keep serving
+                    log.error("engine loop error:\n%s", traceback.format_exc())
+                    self._fail_all(RuntimeError(f"engine error: {e}"))
+        except BaseException as e:  # the thread cannot go on: say so on /health and to every caller
+            self.dead = f"engine thread stopped: {e!r}"
+            self._fail_all(EngineDead(self.dead))
+            raise
+
+    def _iteration(self) -> None:
+        busy = self.engine.has_unfinished_requests()
+        self._apply_commands(block=not busy)
+        if not self.engine.has_unfinished_requests():
             self._publish()
+            return
+        outputs = self.engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            self._deliver(out, now)
+        self._publish()
 
     def _apply_commands(self, block: bool) -> None:
         try:
