@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("roofline", help="the paper's cost model and optimal throughput")
     roofline.add_arguments(p)
     p.set_defaults(func=roofline.run)
+    from nanoflow.flow import trace
+    p = sub.add_parser("trace", help="one step's timeline per execution unit: Chrome trace JSON + Gantt PNG")
+    add_engine_arguments(p)
+    trace.add_arguments(p)
+    p.set_defaults(func=trace.run)
     from nanoflow.tune import commands as tune_commands
     p = sub.add_parser("profile", help="time every operation per token count and share; the R -> P table")
     tune_commands.add_profile_arguments(p)

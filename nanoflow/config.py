@@ -49,8 +49,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="'default' (SmolLM2-135M-Instruct), a .gguf file, an HF directory or dummy:<preset>")
     g.add_argument("--dtype", default=d.dtype, help="bfloat16 | float32")
     g.add_argument("--dense-batch", type=int, default=d.dense_batch, help="token budget per step")
-    g.add_argument("--executor", default=d.executor, choices=["sequential", "nanobatch", "overlap"],
-                   help="run each step's layers as one batch, as the plan's nano-batches, or overlapped on units")
+    g.add_argument("--executor", default=d.executor,
+                   help="sequential | nanobatch | overlap: each step's layers as one batch, as the plan's "
+                        "nano-batches, or overlapped on execution units (bench offline: a comma list)")
     g.add_argument("--plan", default=None, help="plan JSON for --executor nanobatch/overlap, or 'auto'")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-model-len", type=int, default=None)

@@ -61,7 +61,24 @@ def run_async_off(args, requests: list[BenchRequest]) -> dict:
 
 def _ours_label(args, async_on: bool) -> str:
     extra = (", async" if async_on else ", --no-async") if args.compare_async else ""
+    extra += f", {args.executor}" if getattr(args, "more_executors", None) else ""
     return f"nanoflow ({args.dtype}{extra})"
+
+
+def run_executors(args, requests: list[BenchRequest]) -> list[dict]:
+    """Ours again per further executor of `--executor a,b,c` (the paper's ablation): a fresh engine each (no
+    prefix-cache carry-over), the same requests."""
+    from nanoflow import LLM
+    from nanoflow.config import engine_config_from_args
+    rows = []
+    for kind in args.more_executors:
+        cfg = asdict(engine_config_from_args(args))
+        cfg["executor"] = kind
+        llm = LLM(cfg.pop("model"), **cfg)
+        rows.append({"system": f"nanoflow ({args.dtype}, {kind})", **run_ours(llm, requests)})
+        llm.engine.runner.executor.close()
+        del llm
+    return rows
 
 
 @contextlib.contextmanager
@@ -110,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoflow import LLM
     from nanoflow.bench.report import print_step_breakdown, print_summary, write_json
     from nanoflow.config import engine_config_from_args
+    args.executor, *args.more_executors = [k.strip() for k in args.executor.split(",") if k.strip()] or ["sequential"]
     cfg = asdict(engine_config_from_args(args))
     llm = LLM(cfg.pop("model"), **cfg)
     requests = sample_workload(args.workload, args.num_requests, args.workload_seed,
@@ -117,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     peak, best = optimum(llm.model_config, llm.engine.dtype, args.dense_batch, args.peak_seconds)
     rows = [{"system": _ours_label(args, llm.engine.config.async_scheduling),
              **run_ours(llm, requests, args.profile)}]
+    rows += run_executors(args, requests)
     if args.compare_async:
         rows.append(run_async_off(args, requests))
         print_step_breakdown(rows)

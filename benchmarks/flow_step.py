@@ -1,0 +1,56 @@
+"""One step, four ways, interleaved: the plain forward vs the sequential / nanobatch / overlap executors.
+
+    .venv/bin/python benchmarks/flow_step.py --model default --dense-batch 256 --num-decode 192 --context 512
+
+Shows that running the operation list as one nano-batch costs what the plain forward costs, and what splitting
+(nanobatch) and overlapping (overlap) do to one step, with less noise than end-to-end runs: the variants take
+turns, round after round, and the median per variant is reported with its ratio to the plain forward.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dense-batch", type=int, default=256)
+    p.add_argument("--num-decode", type=int, default=192, help="decode tokens of the step (the rest is prefill)")
+    p.add_argument("--context", type=int, default=512, help="context length of every decode request")
+    p.add_argument("--plan", default=None, help="plan JSON for nanobatch/overlap (default: the 2-nano-batch plan)")
+    p.add_argument("--rounds", type=int, default=8)
+    args = p.parse_args()
+
+    from nanoflow.flow.executor import make_executor
+    from nanoflow.models.loader import build_model, load_config, parse_dtype, resolve_model
+    from nanoflow.tune.profile import synthetic_step
+    src = resolve_model(args.model)
+    model = build_model(src, load_config(src), parse_dtype(args.dtype))
+    ids, pos, meta, kv = synthetic_step(model, args.dense_batch, args.num_decode, args.context)
+    variants = {"plain forward": model}
+    for kind in ("sequential", "nanobatch", "overlap"):
+        variants[kind] = make_executor(kind, args.plan, model, dense_batch=args.dense_batch)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    with torch.inference_mode():
+        for r in range(args.rounds + 1):  # round 0 warms up
+            for name, fn in variants.items():
+                t0 = time.perf_counter()
+                fn(ids, pos, meta, kv)
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["plain forward"])
+    print(f"{args.model} {args.dtype}: {args.dense_batch} tokens ({args.num_decode} decode at context "
+          f"{args.context}), {args.rounds} interleaved rounds, {torch.get_num_threads()} threads")
+    print(f"{'variant':<15} {'median ms':>10} {'min ms':>8} {'vs plain':>9}")
+    for name, ts in times.items():
+        m = statistics.median(ts)
+        print(f"{name:<15} {m * 1e3:>10.1f} {min(ts) * 1e3:>8.1f} {m / base:>9.3f}")
+
+
+if __name__ == "__main__":
+    main()
