@@ -15,8 +15,13 @@ from nanoflow.profiling import breakdown
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
-    g.add_argument("--workload", default="sharegpt", help="splitwise | lmsys | sharegpt | const:IN/OUT")
-    g.add_argument("--num-requests", type=int, default=128)
+    g.add_argument("--workload", default="sharegpt",
+                   help="splitwise | lmsys | sharegpt | const:IN/OUT | multiturn:TRACE[:rounds=LO-HI]")
+    g.add_argument("--num-requests", type=int, default=128, help="requests (multiturn: conversations)")
+    g.add_argument("--kv-reuse", default="off,device,full",
+                   help="multiturn only: modes to compare in one run: off, device, device-small, full, offload")
+    g.add_argument("--reuse-device-blocks", type=int, default=None,
+                   help="multiturn only: KV blocks of the small device pool of device-small/full (default: auto)")
     g.add_argument("--workload-seed", type=int, default=0)
     g.add_argument("--max-input", type=int, default=None, help="cap prompt lengths (tokens)")
     g.add_argument("--max-output", type=int, default=None, help="cap output lengths (tokens)")
@@ -124,6 +129,9 @@ def run_peers(args, llm, requests: list[BenchRequest]) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.workload.startswith("multiturn:"):
+        from nanoflow.bench.multiturn import run_multiturn
+        return run_multiturn(args)
     from nanoflow import LLM
     from nanoflow.bench.report import print_step_breakdown, print_summary, write_json
     from nanoflow.config import engine_config_from_args

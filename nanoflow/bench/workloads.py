@@ -146,3 +146,59 @@ def throughput_metrics(requests: list[BenchRequest], elapsed_s: float) -> dict:
         "output_tokens_per_s": stats["output_tokens"] / elapsed_s,
         "requests_per_s": stats["num_requests"] / elapsed_s,
     }
+
+
+# ---- multi-round conversations (KV reuse benchmark) ----
+@dataclass
+class Conversation:
+    """Rounds of one chat: each round's prompt = the previous round's prompt + its output + `user[k]`;
+    `output_lens[k]` is forced (ignore_eos), so only lengths come from the trace, as for single requests."""
+    user: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def num_rounds(self) -> int:
+        return len(self.user)
+
+
+def parse_multiturn(spec: str) -> tuple[str, int, int]:
+    """'multiturn:lmsys' or 'multiturn:lmsys:rounds=3-5' -> (trace, min rounds, max rounds)."""
+    parts = spec.split(":")
+    trace, lo, hi = (parts[1] if len(parts) > 1 else ""), 3, 5
+    for opt in parts[2:]:
+        key, _, val = opt.partition("=")
+        try:
+            if key != "rounds":
+                raise ValueError
+            lo_s, _, hi_s = val.partition("-")
+            lo, hi = int(lo_s), int(hi_s or lo_s)
+        except ValueError:
+            raise ValueError(f"bad multiturn option {opt!r} in {spec!r}: expected rounds=LO-HI") from None
+    if trace not in TRACE_SPECS or not 1 <= lo <= hi:
+        raise ValueError(f"bad multiturn workload {spec!r}: expected 'multiturn:{{{','.join(TRACE_SPECS)}}}"
+                         f"[:rounds=LO-HI]' with 1 <= LO <= HI")
+    return trace, lo, hi
+
+
+def sample_conversations(spec: str, num_conversations: int, seed: int, vocab_size: int, max_model_len: int,
+                         max_input: int | None = None, max_output: int | None = None,
+                         traces_dir: str | None = None) -> list[Conversation]:
+    """Conversations with trace-sampled per-round lengths (user turn = the trace's prompt length, reply = its
+    output length, both capped), LO..HI rounds each; rounds that would overflow max_model_len are dropped."""
+    trace, lo, hi = parse_multiturn(spec)
+    rng = np.random.default_rng(seed)
+    low = _SAFE_LOW_ID if vocab_size > 2 * _SAFE_LOW_ID else 0
+    convs = []
+    for _ in range(num_conversations):
+        n_rounds = int(rng.integers(lo, hi + 1))
+        lengths = _sample_lengths(trace, n_rounds, rng, traces_dir)
+        user, outs, total = [], [], 0
+        for raw_in, raw_out in lengths.tolist():
+            n_in, n_out = _cap_lengths(raw_in, raw_out, max_model_len, max_input, max_output)
+            if total + n_in + n_out > max_model_len:
+                break
+            user.append(rng.integers(low, vocab_size, size=n_in).tolist())
+            outs.append(n_out)
+            total += n_in + n_out
+        convs.append(Conversation(user, outs))
+    return convs
