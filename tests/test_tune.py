@@ -154,3 +154,18 @@ def test_plan_auto_tunes_once_and_keeps_greedy_tokens(tmp_path, monkeypatch):
     validate(auto.engine.runner.executor.plan)
     assert auto.engine.runner.executor.plan.to_dict() == plan.to_dict()
     assert [o.outputs[0].token_ids for o in auto.generate(prompts, greedy, use_tqdm=False)] == ref
+
+
+def test_choose_keeps_sequential_unless_the_gain_is_clear():
+    from nanoflow.flow.plan import sequential_plan
+    from nanoflow.tune.search import Candidate, choose
+    plan = sequential_plan(None, 64)
+
+    def cands(seq, other):
+        return [Candidate("sequential", "sequential", plan, 1.0, seq), Candidate("milp-2", "overlap", plan, 1.0, other)]
+    best, why = choose(cands(1.0, 0.98))  # 2% is within the noise margin
+    assert best.executor == "sequential" and why.startswith("overlap does not pay on this hardware")
+    best, why = choose(cands(1.0, 1.3))
+    assert best.executor == "sequential" and "-30.0%" in why
+    best, why = choose(cands(1.0, 0.8))
+    assert best.name == "milp-2" and "20.0% faster" in why

@@ -21,7 +21,7 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Hashable
 
 import torch
 

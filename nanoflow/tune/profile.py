@@ -9,12 +9,11 @@ Shares are CPU cores here (worker threads pinned with `cpu_units.limit_this_thre
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
-import statistics
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -191,7 +190,13 @@ def run_profile(model, dense_batch: int, num_decode: int | None = None, context_
             for op in ops:
                 out[op] = {str(r): _time(call(op, r), gpu, min_time) for r in grid_of[op] if r > 0}
             return out
-        res = sweep() if gpu else measure.on_cores(measure.cores_for(share, all_cores), sweep)
+        if gpu:  # NOT RUN: the op on a green-context stream of `share` of the SMs, the rest idle
+            n = round(share * total)
+            streams = measure.gpu_streams({"p": n, "rest": total - n}, dev) if n < total else None
+            with torch.cuda.stream(streams["p"]) if streams else contextlib.nullcontext():
+                res = sweep()
+        else:
+            res = measure.on_cores(measure.cores_for(share, all_cores), sweep)
         for op, t in res.items():
             solo[op][_share_key(share)] = t
         log(f"profile: solo timings at share {share:.2f} done ({time.perf_counter() - t_begin:.1f}s)")

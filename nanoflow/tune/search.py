@@ -133,9 +133,12 @@ def measure(cands: list[Candidate], model, prof: Profile, rounds: int = 3, num_l
 def choose(cands: list[Candidate], min_gain: float = 0.05) -> tuple[Candidate, str]:
     """The fastest measured candidate, if it beats sequential by at least `min_gain` (noise margin)."""
     seq = next(c for c in cands if c.executor == "sequential")
-    best = min(cands, key=lambda c: c.measured_s)
+    others = [c for c in cands if c is not seq]
+    if not others:
+        return seq, "overlap does not pay on this hardware: no alternative to sequential; choosing sequential"
+    best = min(others, key=lambda c: c.measured_s)
     gain = (seq.measured_s - best.measured_s) / seq.measured_s
-    if best is seq or gain < min_gain:
+    if gain < min_gain:
         return seq, (f"overlap does not pay on this hardware: the best alternative ({best.name}) is "
                      f"{100 * gain:+.1f}% vs sequential (needs > {100 * min_gain:.0f}%); choosing sequential")
     return best, f"choosing {best.name}: {100 * gain:.1f}% faster than sequential per layer"
