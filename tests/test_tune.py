@@ -169,3 +169,11 @@ def test_choose_keeps_sequential_unless_the_gain_is_clear():
     assert best.executor == "sequential" and "-30.0%" in why
     best, why = choose(cands(1.0, 0.8))
     assert best.name == "milp-2" and "20.0% faster" in why
+
+
+@pytest.mark.parametrize("argv", [["profile", "--dense-batch", "0"], ["profile", "--dense-batch", "8", "--decode-tokens", "9"],
+                                  ["tune", "--tile", "0"], ["tune", "--max-nano", "0"]])
+def test_cli_bad_options_are_clear_errors(argv, capsys):
+    from nanoflow.cli import main
+    assert main(argv) == 2
+    assert "nanoflow: error:" in capsys.readouterr().err

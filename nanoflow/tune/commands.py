@@ -38,8 +38,6 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_model(args):
     from nanoflow.models.loader import build_model, load_config, parse_dtype, resolve_model
-    if args.dense_batch < 1:
-        raise ValueError(f"dense batch must be at least 1, got {args.dense_batch}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available in this torch build / machine")
@@ -49,6 +47,10 @@ def load_model(args):
 
 
 def _grid(args) -> dict:
+    if args.dense_batch < 1:
+        raise ValueError(f"--dense-batch must be at least 1, got {args.dense_batch}")
+    if args.tile is not None and args.tile < 1:
+        raise ValueError(f"--tile must be at least 1, got {args.tile}")
     g = {"tile": args.tile, "context_len": args.context_len, "min_time": args.min_time, "window": args.window}
     if args.decode_tokens is not None:
         if not 0 <= args.decode_tokens <= args.dense_batch:
@@ -60,8 +62,9 @@ def _grid(args) -> dict:
 def run_profile_cmd(args) -> int:
     from nanoflow.tune.interference import format_table
     from nanoflow.tune.profile import load_or_profile
+    grid = _grid(args)  # bad options fail before the model loads
     model = load_model(args)
-    prof, path = load_or_profile(model, args.dense_batch, refresh=args.refresh, **_grid(args))
+    prof, path = load_or_profile(model, args.dense_batch, refresh=args.refresh, **grid)
     print(f"profile: {path}")
     print(f"{'op':14s} " + " ".join(f"{k:>10s}" for k in prof.solo["qkv"][f"{1.0:.3f}"]) + "   (ms per rows, full share)")
     for op, by_share in prof.solo.items():
@@ -77,12 +80,15 @@ def run_profile_cmd(args) -> int:
 
 def run_tune_cmd(args) -> int:
     from nanoflow.tune.search import tune
+    grid = _grid(args)
+    if args.max_nano < 1 or args.layers < 1 or args.rounds < 1 or args.measure_layers < 1 or args.time_limit <= 0:
+        raise ValueError("--max-nano, --layers, --rounds and --measure-layers must be >= 1, --time-limit > 0")
     model = load_model(args)
     if args.out and os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
     plan, decision = tune(model, args.dense_batch, out=args.out, refresh=args.refresh, layers=args.layers,
                           max_nano=args.max_nano, time_limit=args.time_limit, rounds=args.rounds,
-                          measure_layers=args.measure_layers, **_grid(args))
+                          measure_layers=args.measure_layers, **grid)
     print(json.dumps({"decision": decision, "plan": plan.meta.get("name"), "executor": plan.meta.get("executor"),
                       "out": args.out}))
     return 0
