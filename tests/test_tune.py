@@ -171,7 +171,8 @@ def test_choose_keeps_sequential_unless_the_gain_is_clear():
     assert best.name == "milp-2" and "20.0% faster" in why
 
 
-@pytest.mark.parametrize("argv", [["profile", "--dense-batch", "0"], ["profile", "--dense-batch", "8", "--decode-tokens", "9"],
+@pytest.mark.parametrize("argv", [["profile", "--dense-batch", "0"],
+                                  ["profile", "--dense-batch", "8", "--decode-tokens", "9"],
                                   ["tune", "--tile", "0"], ["tune", "--max-nano", "0"]])
 def test_cli_bad_options_are_clear_errors(argv, capsys):
     from nanoflow.cli import main

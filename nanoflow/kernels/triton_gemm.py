@@ -60,7 +60,8 @@ if triton is not None:
     def _persistent_linear_kernel(
             a_ptr, b_ptr, c_ptr, M, N, K, num_sms,
             stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr):
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+            UPCAST: tl.constexpr):
         """C[M, N] = A[M, K] @ B[N, K]^T, fp32 accumulation, one program per SM walking tiles."""
         start_pid = tl.program_id(axis=0)
         num_pid_m = tl.cdiv(M, BLOCK_M)

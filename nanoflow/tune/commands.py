@@ -66,7 +66,8 @@ def run_profile_cmd(args) -> int:
     model = load_model(args)
     prof, path = load_or_profile(model, args.dense_batch, refresh=args.refresh, **grid)
     print(f"profile: {path}")
-    print(f"{'op':14s} " + " ".join(f"{k:>10s}" for k in prof.solo["qkv"][f"{1.0:.3f}"]) + "   (ms per rows, full share)")
+    rows = prof.solo["qkv"][f"{1.0:.3f}"]
+    print(f"{'op':14s} " + " ".join(f"{k:>10s}" for k in rows) + "   (ms by rows, full share)")
     for op, by_share in prof.solo.items():
         print(f"{op:14s} " + " ".join(f"{1e3 * v:10.3f}" for v in by_share[f"{1.0:.3f}"].values()))
     for c in prof.coruns:
