@@ -211,3 +211,17 @@ def test_random_layer_schedules_are_feasible(seed):
     s2 = stage2(p, s1)
     _check_schedule(p, s2, capacity=True)
     assert s2.makespan >= s1.makespan * (1 - 1e-2)  # interference never makes the layer faster
+
+
+def test_stage2_per_nano_op_shares_are_at_least_as_good():
+    p = _problem(layers=2, rp=FREE_MEMORY)
+    s1 = stage1(p, 2)
+    unit, nano = stage2(p, s1), stage2(p, s1, per_nano=True)
+    assert nano.makespan <= unit.makespan + 1e-6
+    assert set(nano.nano_shares) == set(s1.starts)
+    # overlapping nano-ops never hold more than the device between them
+    end = {j: nano.starts[j] + nano.durations[j] for j in nano.starts}
+    for a in nano.starts:
+        for b in nano.starts:
+            if a < b and nano.starts[a] < end[b] - 1e-6 and nano.starts[b] < end[a] - 1e-6:
+                assert nano.nano_shares[a] + nano.nano_shares[b] <= 1 + 1e-6

@@ -56,6 +56,7 @@ class Schedule:
     shares: dict[str, float]
     makespan: float  # seconds for `layers` layers
     status: str = ""
+    nano_shares: dict[tuple[int, str, int], float] = field(default_factory=dict)  # Stage II per_nano only
 
     @property
     def num_nano(self) -> int:
@@ -270,25 +271,30 @@ def search_structure(p: Problem, max_nano: int = 4, min_gain: float = 0.01) -> l
     return out
 
 
-def stage2(p: Problem, s1: Schedule) -> Schedule | None:
-    """Per-unit shares R (one-hot over realizable shares) with durations D / P(R); the Stage-I order is kept."""
+def stage2(p: Problem, s1: Schedule, per_nano: bool = False) -> Schedule | None:
+    """Shares R (one-hot over realizable shares) with durations D / P(R); the Stage-I order is kept.
+
+    Default: one R per unit (static partitions: what the executors run). `per_nano=True` is the paper's
+    form, one R per nano-op with R_a + R_b <= 1 for every overlapping pair; its unit shares are the largest R
+    of each unit's nano-ops (a bound on what per-nano-op partitions could gain, not an executable plan)."""
     by = {o.name: o for o in p.ops}
     units = {j: u for u, seq in s1.order.items() for j in seq}
     names = sorted(s1.order)
     nanos = list(s1.starts)
+    owner = (lambda j: j) if per_nano else (lambda j: units[j])
     m = _Model()
-    z = {u: {r: m.var(0, 1, integer=True) for r in p.shares} for u in names}
-    for u in names:
-        m.add({v: 1.0 for v in z[u].values()}, 1.0, 1.0)
-    share = {u: {v: r for r, v in z[u].items()} for u in names}
-    dur = {j: {z[units[j]][r]: s1.durations[j] / max(p_of(p.rp, by[j[1]].kind, r), 1e-3) for r in p.shares}
+    z = {k: {r: m.var(0, 1, integer=True) for r in p.shares} for k in (nanos if per_nano else names)}
+    for k in z:
+        m.add({v: 1.0 for v in z[k].values()}, 1.0, 1.0)
+    share = {k: {v: r for r, v in z[k].items()} for k in z}
+    dur = {j: {z[owner(j)][r]: s1.durations[j] / max(p_of(p.rp, by[j[1]].kind, r), 1e-3) for r in p.shares}
            for j in nanos}
     edges = _nano_deps(p, s1.num_nano)
-    start, _end, cmax, big_m = _schedule_model(p, nanos, dur, m, edges, s1.order, units)
-    w = {pair: m.var(0, 1, integer=True) for pair in itertools.combinations(names, 2)}
+    start, end, cmax, big_m = _schedule_model(p, nanos, dur, m, edges, s1.order, units)
+    w = {} if per_nano else {pair: m.var(0, 1, integer=True) for pair in itertools.combinations(names, 2)}
     for (ua, ub), wv in w.items():  # units allowed to overlap must fit on the device together
         m.add(_combine(share[ua], share[ub], {wv: 1.0}), hi=2.0)
-    if len(names) == 3:
+    if len(names) == 3 and not per_nano:
         m.add(_combine(*share.values(), {v: 2.0 for v in w.values()}), hi=7.0)
     before = _closure(nanos, edges)
     for a, b in itertools.combinations(nanos, 2):
@@ -296,11 +302,20 @@ def stage2(p: Problem, s1: Schedule) -> Schedule | None:
             continue
         if s1.durations[a] == 0 or s1.durations[b] == 0:
             continue
-        _disjoint(m, start, _end, a, b, big_m, slack={w[tuple(sorted((units[a], units[b])))]: 1.0})
+        if per_nano:  # this pair may overlap only if its two shares fit together
+            v = m.var(0, 1, integer=True)
+            m.add(_combine(share[a], share[b], {v: 1.0}), hi=2.0)
+        else:
+            v = w[tuple(sorted((units[a], units[b])))]
+        _disjoint(m, start, end, a, b, big_m, slack={v: 1.0})
     x, msg = m.solve(p.time_limit)
     if x is None:
         return None
-    shares = {u: r for u in names for r, v in z[u].items() if x[v] > 0.5}
+    chosen = {k: r for k in z for r, v in z[k].items() if x[v] > 0.5}
+    shares = {u: max(chosen[j] for j in nanos if units[j] == u and s1.durations[j] > 0) if per_nano
+              else chosen[u] for u in names}
     starts = {j: float(x[start[j]]) for j in nanos}
     durs = {j: _expr_value(dur[j], x) for j in nanos}
-    return Schedule(s1.splits, _orders(nanos, units, starts), starts, durs, shares, float(x[cmax]), msg)
+    out = Schedule(s1.splits, _orders(nanos, units, starts), starts, durs, shares, float(x[cmax]), msg)
+    out.nano_shares = {j: chosen[j] for j in nanos} if per_nano else {}
+    return out

@@ -73,6 +73,10 @@ def candidates(prof: Profile, cfg, layers: int = 2, max_nano: int = 3, time_limi
             f"(sequential {1e3 * seq_time:.2f})")
         if s2 is None:
             continue
+        bound = stage2(p, s1, per_nano=True)  # the paper's per-nano-op shares: what finer partitions could give
+        if bound is not None:
+            log(f"tune: N={s1.num_nano} Stage II with per-nano-op shares (paper's form): "
+                f"{1e3 * bound.makespan / layers:.2f} ms/layer")
         name = f"milp-{s1.num_nano}"
         plan = plan_from_schedule(s2, cfg, prof.dense_batch, name)
         if sum(s2.shares.values()) <= 1 + 1e-9:  # Stage II overlaps units: the pipelined plan
