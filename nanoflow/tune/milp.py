@@ -157,9 +157,10 @@ def _sub(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
     return _combine(a, {k: -v for k, v in b.items()})
 
 
-def _schedule_model(p: Problem, nanos: list[tuple], dur: dict[tuple, dict[int, float]], m: _Model,
-                    edges: list, fixed_order: dict[str, list[tuple]] | None, units: dict[tuple, str]):
-    """Start times, makespan, dependencies and per-unit no-overlap; returns (start vars, cmax var, big M)."""
+def _schedule_model(nanos: list[tuple], dur: dict[tuple, dict[int, float]], m: _Model, edges: list,
+                    fixed_order: dict[str, list[tuple]] | None, units: dict[tuple, str]):
+    """Start times, makespan, dependencies and per-unit no-overlap (big-M ordering binaries, or a fixed
+    per-unit order); returns (start vars, end expressions, makespan var, big M)."""
     big_m = sum(max(list(d.values()) + [0.0]) for d in dur.values()) or 1.0
     start = {j: m.var(cost=1e-4) for j in nanos}
     cmax = m.var(cost=1.0)
@@ -242,7 +243,7 @@ def stage1(p: Problem, n: int) -> Schedule | None:
     dur = {j: {y[c]: _solo(p, by[j[1]], cut, j[2]) for c, cut in enumerate(cands)} for j in nanos}
     # Symmetry breaking: nano-batch i of an op goes before nano-batch i+1 on its unit (as in the paper's figures).
     edges = _nano_deps(p, n) + [((l_, o, i), (l_, o, i + 1)) for (l_, o, i) in nanos if i + 1 < n]
-    start, _end, cmax, _ = _schedule_model(p, nanos, dur, m, edges, None, units)
+    start, _end, cmax, _ = _schedule_model(nanos, dur, m, edges, None, units)
     x, msg = m.solve(p.time_limit)
     if x is None:
         return None
@@ -290,7 +291,7 @@ def stage2(p: Problem, s1: Schedule, per_nano: bool = False) -> Schedule | None:
     dur = {j: {z[owner(j)][r]: s1.durations[j] / max(p_of(p.rp, by[j[1]].kind, r), 1e-3) for r in p.shares}
            for j in nanos}
     edges = _nano_deps(p, s1.num_nano)
-    start, end, cmax, big_m = _schedule_model(p, nanos, dur, m, edges, s1.order, units)
+    start, end, cmax, big_m = _schedule_model(nanos, dur, m, edges, s1.order, units)
     w = {} if per_nano else {pair: m.var(0, 1, integer=True) for pair in itertools.combinations(names, 2)}
     for (ua, ub), wv in w.items():  # units allowed to overlap must fit on the device together
         m.add(_combine(share[ua], share[ub], {wv: 1.0}), hi=2.0)
