@@ -114,6 +114,7 @@ def _tiny_model():
 @torch.inference_mode()
 def test_soft_partition_ops_match_the_normal_path():
     pytest.importorskip("triton", reason="triton is not installed")
+    from nanoflow.flow.cuda_soft import run_op_limited
     from nanoflow.flow.ops import StepState, run_op
     from nanoflow.kernels.attention import AttentionMetadata
     model, bs = _tiny_model(), 8
@@ -129,7 +130,7 @@ def test_soft_partition_ops_match_the_normal_path():
                    "gate_up", "down"):
             for a, b in ((0, 2), (2, 3)):  # two nano-batches: partial ranges write rows in place
                 if limited:
-                    cu.run_op_limited(model, 0, op, state, a, b, num_sms=2)
+                    run_op_limited(model, 0, op, state, a, b, num_sms=2)
                 else:
                     run_op(model, 0, op, state, a, b)
         outs.append(state.hidden.clone())
