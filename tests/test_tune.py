@@ -93,16 +93,8 @@ def test_rp_table_is_monotone_and_bounded():
 
 # ---- profiles: measured on a tiny model, stored, reused
 def _tiny_model():
-    import torch
-    from nanoflow.models.config import ModelConfig
-    from nanoflow.models.llama import LlamaForCausalLM
-    cfg = ModelConfig("llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                      num_kv_heads=2, max_position_embeddings=512)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    for p in model.parameters():
-        p.requires_grad_(False).normal_(0, 0.2)
-    return model
+    from tests.flow_helpers import tiny_model
+    return tiny_model()
 
 
 FAST = dict(tile=16, min_time=0.0, window=0.02, context_len=40)

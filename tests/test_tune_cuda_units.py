@@ -99,32 +99,21 @@ def test_plan_fingerprint_keys_graphs_by_plan_content():
     assert plan_fingerprint(overlap_plan(None, 64)) != plan_fingerprint(sequential_plan(None, 64))
 
 
-def _tiny_model():
-    from nanoflow.models.config import ModelConfig
-    from nanoflow.models.llama import LlamaForCausalLM
-    cfg = ModelConfig("llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
-                      num_kv_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    for p in model.parameters():
-        p.requires_grad_(False).normal_(0, 0.2)
-    return model
-
-
 @torch.inference_mode()
 def test_soft_partition_ops_match_the_normal_path():
     pytest.importorskip("triton", reason="triton is not installed")
     from nanoflow.flow.cuda_soft import run_op_limited
     from nanoflow.flow.ops import StepState, run_op
     from nanoflow.kernels.attention import AttentionMetadata
-    model, bs = _tiny_model(), 8
+    from tests.flow_helpers import tiny_model
+    model, bs = tiny_model(), 8
     lens = [5, 12, 1]  # three decode tokens with contexts in a paged cache
     tables = torch.tensor([[0, 1], [2, 3], [4, 0]])
     meta = AttentionMetadata(slot_mapping=torch.tensor([4, 8 * 3 + 3, 8 * 4]), num_decode=3,
                              decode_block_tables=tables, decode_context_lens=torch.tensor(lens), decode_max_len=12)
     outs = []
     for limited in (False, True):
-        kv = [torch.randn(2, 6, bs, 2, 8, generator=torch.Generator().manual_seed(1))]
+        kv = [torch.randn(2, 6, bs, 2, 16, generator=torch.Generator().manual_seed(1))]
         state = StepState(model, torch.tensor([3, 7, 9]), torch.tensor([4, 11, 0]), meta, kv, split=True)
         for op in ("attn_norm", "qkv", "rope_append", "decode_attn", "prefill_attn", "o_proj", "ffn_norm",
                    "gate_up", "down"):
