@@ -13,6 +13,7 @@ import pytest
 
 from nanoflow import LLM, SamplingParams
 from nanoflow.server.app import ServerThread, build_app
+from nanoflow.tokenizer import apply_chat_template
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4, 5,", "Once upon a time,"]
 MAX_TOKENS = 8
@@ -25,10 +26,17 @@ def server():
     # The reference: LLM.generate on the same engine, one prompt at a time, before the server owns it.
     refs = [llm.generate([p], SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)[0]
             for p in PROMPTS]
+    # A chat whose templated prompt leaves exactly 5 tokens of context (for max_tokens=null).
+    words = 400
+    while len(apply_chat_template(llm.tokenizer, [{"role": "user", "content": "hi " * words}])) < 512 - 5:
+        words += 1
+    long_chat = [{"role": "user", "content": "hi " * (words - 1)}]
+    room = 512 - len(apply_chat_template(llm.tokenizer, long_chat))
     app = build_app(llm.engine, ["default", "smollm2"], max_waiting=MAX_WAITING)
     with ServerThread(app) as url:
         yield {"url": url, "refs": {p: r.outputs[0].text for p, r in zip(PROMPTS, refs)},
-               "prompt_ids": {p: r.prompt_token_ids for p, r in zip(PROMPTS, refs)}}
+               "prompt_ids": {p: r.prompt_token_ids for p, r in zip(PROMPTS, refs)},
+               "long_chat": (long_chat, room)}
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +114,14 @@ def test_chat(client):
     assert r.usage.completion_tokens <= MAX_TOKENS and r.usage.prompt_tokens > 5
 
 
+def test_chat_max_tokens_null_fills_the_context(server, client):
+    messages, room = server["long_chat"]
+    assert 1 <= room <= 8
+    r = client.chat.completions.create(model="default", messages=messages, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == room and r.choices[0].finish_reason == "length"
+
+
 def test_streaming_with_usage(server, client):
     p = PROMPTS[2]
     stream = client.completions.create(model="default", prompt=p, max_tokens=MAX_TOKENS, temperature=0,
@@ -120,6 +136,9 @@ def test_streaming_with_usage(server, client):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     assert all(c.usage is None for c in chunks)
+    stream = client.completions.create(model="default", prompt=p, max_tokens=MAX_TOKENS, temperature=0,
+                                       stream=True, echo=True)
+    assert "".join(c.choices[0].text for c in stream) == p + server["refs"][p]
 
 
 def test_n_choices_streamed_and_not(client):

@@ -159,6 +159,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def finish_reason(o) -> str | None:
+    """OpenAI knows stop and length; an aborted choice (seen only if the client is still there) reads as stop."""
+    return None if o.finish_reason is None else ("stop" if o.finish_reason == "abort" else o.finish_reason)
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}

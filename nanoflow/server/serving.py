@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -21,7 +19,8 @@ from nanoflow.sampling_params import SamplingParams
 from nanoflow.server.async_engine import AsyncEngine, RequestHandle
 from nanoflow.server.logprobs import LogprobFormatter
 from nanoflow.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, envelope,
-                                      error_body, new_id, usage)
+                                      error_body, finish_reason, new_id, usage)
+from nanoflow.server.streaming import StreamState
 from nanoflow.tokenizer import apply_chat_template
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # vLLM: completions default 16, chat fills the context
@@ -166,10 +165,10 @@ class OpenAIServing:
         if job.kind == "chat":
             lp = None if o.logprobs is None else {"content": self.fmt.chat(o.logprobs)}
             return {"index": index, "message": {"role": "assistant", "content": o.text}, "logprobs": lp,
-                    "finish_reason": _finish(o), "stop_reason": o.stop_reason}
+                    "finish_reason": finish_reason(o), "stop_reason": o.stop_reason}
         prefix = self._prompt_text(text, ids) if job.echo else ""
         lp = None if o.logprobs is None else self.fmt.completion(o.logprobs, len(prefix))
-        return {"index": index, "text": prefix + o.text, "logprobs": lp, "finish_reason": _finish(o),
+        return {"index": index, "text": prefix + o.text, "logprobs": lp, "finish_reason": finish_reason(o),
                 "stop_reason": o.stop_reason}
 
     def _prompt_text(self, text: str | None, ids: list[int]) -> str:
@@ -182,7 +181,6 @@ class OpenAIServing:
         return usage(sum(len(ids) for _, ids in job.prompts), out)
 
     async def _stream(self, job: Job, handles: list[RequestHandle]) -> AsyncIterator[str]:
-        from nanoflow.server.streaming import StreamState
         state = StreamState(self, job)
         try:
             for chunk in state.start():
@@ -203,10 +201,6 @@ class OpenAIServing:
 
 def _or(value, default):
     return default if value is None else value
-
-
-def _finish(o: CompletionOutput) -> str | None:
-    return None if o.finish_reason is None else ("stop" if o.finish_reason == "abort" else o.finish_reason)
 
 
 def _sse(obj: dict) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from nanoflow.outputs import RequestOutput
-from nanoflow.server.protocol import envelope, usage
+from nanoflow.server.protocol import envelope, finish_reason, usage
 
 
 class StreamState:
@@ -57,7 +57,7 @@ class StreamState:
         return chunks
 
     def _choice(self, idx: int, delta: str, lps: list | None, o) -> dict:
-        finish = None if o.finish_reason is None else ("stop" if o.finish_reason == "abort" else o.finish_reason)
+        finish = finish_reason(o)
         extra = {"finish_reason": finish, "stop_reason": o.stop_reason if finish else None}
         if self.job.kind == "chat":
             lp = None if lps is None else {"content": self.s.fmt.chat(lps)}
