@@ -9,10 +9,26 @@ turns, round after round, and the median per variant is reported with its ratio 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
+
+
+def _one_thread(fn):
+    """fn on a helper thread whose OpenMP team is 1 thread on any core: no fork/join barriers (what each
+    overlap unit does on its own core), to separate that effect from the overlap itself."""
+    from concurrent.futures import ThreadPoolExecutor
+    from nanoflow.flow.cpu_units import limit_this_thread
+    pool = ThreadPoolExecutor(1, initializer=lambda: limit_this_thread(sorted(os.sched_getaffinity(0)), team=1))
+
+    def call(*a):
+        def work():
+            with torch.inference_mode():
+                return fn(*a)
+        return pool.submit(work).result()
+    return call
 
 
 def main() -> None:
@@ -24,6 +40,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512, help="context length of every decode request")
     p.add_argument("--plan", default=None, help="plan JSON for nanobatch/overlap (default: the 2-nano-batch plan)")
     p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--verbose", action="store_true", help="print every timing as it is taken")
     args = p.parse_args()
 
     from nanoflow.flow.executor import make_executor
@@ -35,6 +52,7 @@ def main() -> None:
     variants = {"plain forward": model}
     for kind in ("sequential", "nanobatch", "overlap"):
         variants[kind] = make_executor(kind, args.plan, model, dense_batch=args.dense_batch)
+    variants["sequential, 1 thread"] = _one_thread(variants["sequential"])
     times: dict[str, list[float]] = {k: [] for k in variants}
     with torch.inference_mode():
         for r in range(args.rounds + 1):  # round 0 warms up
@@ -43,13 +61,15 @@ def main() -> None:
                 fn(ids, pos, meta, kv)
                 if r:
                     times[name].append(time.perf_counter() - t0)
+                if args.verbose:
+                    print(f"round {r} {name}: {(time.perf_counter() - t0) * 1e3:.1f} ms", flush=True)
     base = statistics.median(times["plain forward"])
     print(f"{args.model} {args.dtype}: {args.dense_batch} tokens ({args.num_decode} decode at context "
           f"{args.context}), {args.rounds} interleaved rounds, {torch.get_num_threads()} threads")
-    print(f"{'variant':<15} {'median ms':>10} {'min ms':>8} {'vs plain':>9}")
+    print(f"{'variant':<21} {'median ms':>10} {'min ms':>8} {'vs plain':>9}")
     for name, ts in times.items():
         m = statistics.median(ts)
-        print(f"{name:<15} {m * 1e3:>10.1f} {min(ts) * 1e3:>8.1f} {m / base:>9.3f}")
+        print(f"{name:<21} {m * 1e3:>10.1f} {min(ts) * 1e3:>8.1f} {m / base:>9.3f}")
 
 
 if __name__ == "__main__":

@@ -32,13 +32,13 @@ def _lib(name: str):
     return _libs[name]
 
 
-def limit_this_thread(cores: list[int]) -> None:
-    """Pin the calling thread to `cores` and size its OpenMP/MKL teams to len(cores)."""
+def limit_this_thread(cores: list[int], team: int | None = None) -> None:
+    """Pin the calling thread to `cores` and size its OpenMP team to `team` (default len(cores))."""
     os.sched_setaffinity(threading.get_native_id(), cores)
     torch.get_num_threads()  # torch's lazy per-thread init first, so it does not undo the calls below
     gomp = _lib("libgomp.so.1")
     if gomp is not None and hasattr(gomp, "omp_set_num_threads"):
-        gomp.omp_set_num_threads(len(cores))
+        gomp.omp_set_num_threads(team or len(cores))
 
 
 def partition_cores(shares: list[float], cores: list[int]) -> list[list[int]]:
