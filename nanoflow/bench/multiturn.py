@@ -59,6 +59,9 @@ def run_multiturn(args: argparse.Namespace) -> int:
         try:
             _configure(eng, mode, small, host, disk, kv_dir)
             rows.append({"mode": mode, **drive(eng, convs)})
+            r = rows[-1]
+            print(f"{mode}: {r['elapsed_s']:.1f} s, prefill computed {r['prefill_computed']}, "
+                  f"{r['total_tokens_per_s']:.1f} tok/s", flush=True)
         finally:
             if eng.kv_tiers is not None:
                 eng.kv_tiers.close(persist=False)
@@ -93,8 +96,9 @@ def _configure(eng, mode: str, small_blocks: int, host: int, disk: int, kv_dir: 
     eng.stats = type(eng.stats)()
 
 
-def drive(eng, convs: list[Conversation]) -> dict:
-    """Run every conversation to its last round; returns compute, reuse, throughput and TTFT."""
+def drive(eng, convs: list[Conversation], record: dict | None = None) -> dict:
+    """Run every conversation to its last round; returns compute, reuse, throughput and TTFT
+    (`record`, if given, receives each round's output token ids by request id)."""
     from nanoflow import SamplingParams
     live: dict[str, tuple] = {}  # request id -> (conversation, round, prompt, submit time)
     ttft: list[float] = []
@@ -121,6 +125,8 @@ def drive(eng, convs: list[Conversation]) -> dict:
                 ci, k, prompt, _ = live.pop(rid)
                 toks = out.outputs[0].token_ids
                 assert len(toks) == convs[ci].output_lens[k], "lost tokens"
+                if record is not None:
+                    record[rid] = list(toks)
                 tokens["prompt"] += len(prompt)
                 tokens["output"] += len(toks)
                 tokens["rounds"] += 1
