@@ -182,6 +182,7 @@ def run(url: str, server: subprocess.Popen, args) -> int:
         "aborted": m.get("request_aborted_total"), "finished": m.get("request_success_total"),
         "preemptions": m.get("num_preemptions_total"), "generation_tokens": m.get("generation_tokens_total"),
         "rss_start_mb": rss_start / 2**20, "rss_end_mb": rss_end / 2**20, "rss_max_mb": max(rss_samples) / 2**20,
+        "rss_every_minute_mb": [round(x / 2**20, 1) for x in rss_samples[::12]],
     }
     report["ok"] = (fivexx == 0 and not soak.mismatches
                     and report["kv_free_blocks"] == report["kv_total_blocks"])

@@ -137,7 +137,7 @@ class OpenAIServing:
         handles = [self.engine.submit(f"{job.rid}-{i}", ids, p, text, reserved=p.n)
                    for i, ((text, ids), p) in enumerate(zip(job.prompts, job.params))]
         if job.stream:
-            return StreamingResponse(self._stream(job, handles), media_type="text/event-stream")
+            return _AbortingStream(self._stream(job, handles), handles)
         try:
             finals = await _until_disconnect(raw, self._collect(handles))
         finally:
@@ -190,13 +190,29 @@ class OpenAIServing:
                     yield _sse(chunk)
             if job.include_usage:
                 yield _sse(state.usage_chunk())
-        except (ValueError, RuntimeError) as e:  # engine rejected it or failed: error chunk, then DONE
+        except Exception as e:  # the engine rejected it (400) or failed (500): an error chunk, then DONE
             code = 400 if isinstance(e, ValueError) else 500
             yield _sse(error_body(str(e), "BadRequestError" if code == 400 else "InternalServerError", None, code))
         finally:  # also on disconnect (the response task is cancelled): free the KV at once
             for h in handles:
                 h.abort()
         yield "data: [DONE]\n\n"
+
+
+class _AbortingStream(StreamingResponse):
+    """SSE response that aborts its engine requests however it ends, even if the client left before the
+    body generator ever ran (then the generator's own `finally` never runs)."""
+
+    def __init__(self, content: AsyncIterator[str], handles: list[RequestHandle]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self._handles = handles
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for h in self._handles:
+                h.abort()
 
 
 def _or(value, default):
