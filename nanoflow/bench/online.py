@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         def sample(seed: int) -> list[BenchRequest]:
             return sample_workload(args.workload, args.num_requests, seed, card.get("vocab_size", 32000),
                                    card["max_model_len"], args.max_input, args.max_output)
-        asyncio.run(run_load(url, model, sample(args.workload_seed - 1)[:2], float("inf"), 1.0, 0,
+        asyncio.run(run_load(url, model, sample(args.workload_seed + 10_000)[:2], float("inf"), 1.0, 0,
                              args.timeout))  # warm-up
         for i, rate in enumerate(rates):
             # A fresh sample per rate (same for every server): earlier runs must not hit the prefix cache.
