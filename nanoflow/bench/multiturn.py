@@ -61,7 +61,8 @@ def run_multiturn(args: argparse.Namespace) -> int:
             rows.append({"mode": mode, **drive(eng, convs)})
             r = rows[-1]
             print(f"{mode}: {r['elapsed_s']:.1f} s, prefill computed {r['prefill_computed']}, "
-                  f"{r['total_tokens_per_s']:.1f} tok/s", flush=True)
+                  f"{r['total_tokens_per_s']:.1f} tok/s, background offload copies {r['offload_copy_s']:.2f} s",
+                  flush=True)
         finally:
             if eng.kv_tiers is not None:
                 eng.kv_tiers.close(persist=False)
@@ -141,7 +142,7 @@ def drive(eng, convs: list[Conversation], record: dict | None = None) -> dict:
             "mean_ttft_s": sum(ttft) / max(1, len(ttft)), "preemptions": eng.scheduler.num_preemptions,
             "offloaded_blocks": tiers.num_offloaded if tiers else 0,
             "host_hit_blocks": tiers.num_host_hits if tiers else 0,
-            "disk_hit_blocks": tiers.num_disk_hits if tiers else 0}
+            "disk_hit_blocks": tiers.num_disk_hits if tiers else 0, "offload_copy_s": tiers.copy_s if tiers else 0.0}
 
 
 def print_rows(rows: list[dict], title: str) -> None:

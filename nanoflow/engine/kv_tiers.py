@@ -20,6 +20,7 @@ import atexit
 import os
 import queue
 import threading
+import time
 import zlib
 from collections import OrderedDict
 from pathlib import Path
@@ -167,6 +168,7 @@ class KVTiers:
         self._pending = 0  # offload jobs not yet gathered
         self._done: list[int] = []  # device blocks whose copy finished (to unpin)
         self.num_offloaded = self.num_spilled = self.num_host_hits = self.num_disk_hits = 0
+        self.copy_s = 0.0  # background thread time spent copying (gather, host copy, disk writes)
         self._jobs: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._worker, name="nanoflow-kv-offload", daemon=True)
         self._thread.start()
@@ -253,7 +255,7 @@ class KVTiers:
         stream = torch.cuda.Stream() if self.kv_caches[0].is_cuda else None
         while (job := self._jobs.get()) is not None:
             pairs, event = job
-            data = None
+            data, t0 = None, time.perf_counter()
             try:
                 data = self._gather(pairs, event, stream)
             except Exception:  # never kill the offload thread: these blocks are just not kept
@@ -283,6 +285,7 @@ class KVTiers:
                         self.num_spilled += 1
                     except OSError:  # disk full or gone: the block is simply not kept
                         pass
+            self.copy_s += time.perf_counter() - t0
 
     def _gather(self, pairs, event, stream) -> torch.Tensor:
         ids = [b for _, b in pairs]
