@@ -301,6 +301,21 @@ def test_full_waiting_queue_answers_429(server):
     wait_idle_and_full(url)
 
 
+def test_bench_serve_against_the_server(server, tmp_path):
+    """`nanoflow bench serve` end to end (tiny): streaming metrics, a two-rate sweep, its plot and JSON."""
+    from nanoflow.cli import main
+    out, png = tmp_path / "serve.json", tmp_path / "sweep.png"
+    rc = main(["bench", "serve", "--url", f"a={server['url']}", "--workload", "const:4/3", "--num-requests", "2",
+               "--sweep", "50,100", "--json", str(out), "--plot", str(png)])
+    assert rc == 0 and png.stat().st_size > 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["request_rate"] for r in runs] == [50, 100]
+    for r in runs:
+        assert r["completed"] == 2 and r["failed"] == 0 and r["output_tokens"] == 6
+        assert r["ttft_ms"]["mean"] > 0 and r["normalized_ms"]["p99"] >= r["normalized_ms"]["median"] > 0
+    wait_idle_and_full(server["url"])
+
+
 def test_still_correct_after_abuse(server, client):
     """After bad input, disconnects and 429s: answers are still right and the KV pool is whole."""
     wait_idle_and_full(server["url"])
@@ -311,3 +326,4 @@ def test_still_correct_after_abuse(server, client):
     text = httpx.get(server["url"] + "/metrics").text
     assert "nanoflow:request_rejected" in text
     assert json.loads(httpx.get(server["url"] + "/v1/models").text)["object"] == "list"
+
