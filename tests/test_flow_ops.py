@@ -103,7 +103,9 @@ def test_random_valid_splits_match_the_plain_forward(model, step, reference, dat
     validate(plan)
     kind = data.draw(st.sampled_from(["nanobatch", "overlap"]), label="executor")
     ref, ref_kv = reference
-    out, out_kv = _run(make_executor(kind, plan, model), step)
+    executor = make_executor(kind, plan, model)
+    out, out_kv = _run(executor, step)
+    executor.close()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(out_kv, ref_kv):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

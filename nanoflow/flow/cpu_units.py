@@ -68,6 +68,7 @@ class CpuUnits:
         self._finished = 0
         self._error: BaseException | None = None
         self._threads: list[threading.Thread] = []
+        self._closed = False
 
     def _start(self) -> None:
         for u in range(len(self.names)):
@@ -96,8 +97,10 @@ class CpuUnits:
         with torch.inference_mode():  # thread-local: the step's tensors are inference tensors
             while True:
                 with self._cv:
-                    while self._generation == seen:
+                    while self._generation == seen and not self._closed:
                         self._cv.wait()
+                    if self._closed:
+                        return
                     seen, (program, fn, trace) = self._generation, self._job
                 try:
                     self._run_tasks(u, program.tasks[u], fn, trace)
@@ -126,4 +129,8 @@ class CpuUnits:
                 cv.notify_all()
 
     def close(self) -> None:
-        pass  # daemon threads idle on the condition; nothing to free
+        """Let the worker threads exit (they are daemons and idle between steps, so this is optional)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._threads = []
