@@ -122,6 +122,36 @@ def test_abort_mid_generation_frees_all_blocks(pair):
     assert all(len(c.token_ids) == 30 for i in (1, 3) for c in seen[f"abort-{i}"].outputs)
 
 
+def test_failed_step_raises_then_engine_recovers(pair):
+    """A device error surfaces from step(); aborting then frees every block and the engine serves again."""
+    eng = pair[0].engine
+    bm, run, calls = eng.scheduler.block_manager, eng.runner.run, []
+
+    def boom(inp):
+        calls.append(inp.step_id)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return run(inp)
+    for i, p in enumerate(PROMPTS):
+        eng.add_request(f"fail-{i}", eng.tokenizer.encode(p), SamplingParams(temperature=0.0, max_tokens=8))
+    eng.runner.run = boom
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            for _ in range(10):
+                eng.step()
+    finally:
+        del eng.runner.run
+    for i in range(len(PROMPTS)):
+        eng.abort_request(f"fail-{i}")
+    while eng.has_unfinished_requests():
+        try:
+            eng.step()
+        except (RuntimeError, AssertionError):
+            pass
+    assert bm.num_free_blocks == bm.num_blocks
+    _same(pair, PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=6))
+
+
 def test_switch_and_stats(pair):
     parser = __import__("argparse").ArgumentParser()
     add_engine_arguments(parser)

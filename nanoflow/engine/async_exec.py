@@ -9,7 +9,7 @@ event. The worker reads only its StepInputs snapshot, never a Request the engine
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait as wait_futures
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +44,11 @@ class InFlightStep:
     def holds(self, req) -> bool:
         """This step computes (and writes KV for) `req`."""
         return id(req) in self._req_ids
+
+    def settle(self) -> None:
+        """Block until the device work is over, done or failed, without raising (it writes no more KV)."""
+        if self.done is None:
+            wait_futures([self.future])
 
     def wait(self) -> tuple[SampleResult | None, DeviceTiming]:
         """Block until the device work is done; the answer stays here to be read back later."""

@@ -167,7 +167,13 @@ class LLMEngine:
     def _read_back(self, flight: InFlightStep) -> list[RequestOutput]:
         """Append a finished step's tokens, detokenize, check stops; drop tokens of requests retired meanwhile."""
         t0 = time.perf_counter()
-        result, timing = flight.wait()
+        try:
+            result, timing = flight.wait()
+        except BaseException:  # the step failed: its requests' KV is no longer written, free what waited on it
+            for req in flight.release_after:
+                self.scheduler.release_kv(req)
+                self._retire(req)
+            raise
         token_ids = result.token_ids if result is not None else []  # (GPU: waits for the pinned copy)
         t1 = time.perf_counter()
         self.stats.wait_s += t1 - t0
@@ -193,7 +199,7 @@ class LLMEngine:
         """Block until no step in flight writes `req`'s KV (before its blocks are freed at once)."""
         for f in self._in_flight:
             if f.holds(req):
-                f.wait()
+                f.settle()  # (a failed step raises when it is read back, not here)
 
     def _append_token(self, req: Request, token: int, logprob: dict | None) -> None:
         group = self._owner[req.request_id]

@@ -114,7 +114,8 @@ class ModelRunner:
     def run(self, inp: StepInputs) -> SampleResult | None:
         """Device side of a step: forward + sampling. Steps run strictly in the order they were prepared (one
         worker thread / one CUDA stream), so a step may read tokens and KV that the previous one writes."""
-        assert inp.step_id == self._ran_step + 1, "steps must run in the order they were prepared"
+        # Fill rows index the previous step's tokens: that step must be the one that ran just before.
+        assert inp.fill_rows is None or inp.step_id == self._ran_step + 1, "steps ran out of order"
         self._ran_step = inp.step_id
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             if self.device.type != "cpu":
