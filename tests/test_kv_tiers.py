@@ -66,6 +66,24 @@ def test_reload_from_host_tier(llm, conversation):
     assert bm.num_free_blocks == bm.num_blocks and all(rc == 0 for rc in bm.ref_counts)
 
 
+def test_preemption_swaps_out_to_the_tier(llm):
+    """Five requests outgrow the 48-block pool: the preempted ones' computed blocks are copied to the host tier
+    at once (swap-out), and their recompute reloads them; outputs equal a run without any reuse."""
+    prompts = [SYSTEM * 2 + f" Tell story number {i}." for i in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    bm, sched = llm.engine.scheduler.block_manager, llm.engine.scheduler
+    bm.enable_caching = False
+    expect = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    bm.enable_caching = True
+    forget_device_cache(llm)
+    preempted, offloaded = sched.num_preemptions, llm.engine.kv_tiers.num_offloaded
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expect
+    assert sched.num_preemptions > preempted and llm.engine.kv_tiers.num_offloaded > offloaded
+    forget_device_cache(llm)
+    bm.check_invariants()
+    assert bm.num_free_blocks == bm.num_blocks
+
+
 @pytest.fixture(scope="module")
 def restarted(llm, kv_dir, conversation):
     """A new engine on the same directory, after the first one shut down (host tier persisted to disk)."""

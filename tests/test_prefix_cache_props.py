@@ -28,6 +28,10 @@ class FakeTiers:
     def offload(self, pairs):
         self.pending += pairs
 
+    def store_now(self, pairs):  # preemption swap-out: copied at once
+        for h, b in pairs:
+            self.store[h] = [self.shadow.get(b * self.bs + i) for i in range(self.bs)]
+
     def completed(self, wait=False):
         done, self.pending = self.pending, []
         for h, b in done:  # the copy reads the block now: it must still hold what it held when pinned

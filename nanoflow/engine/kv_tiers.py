@@ -195,6 +195,13 @@ class KVTiers:
             self._pending += 1
         self._jobs.put((pairs, event))
 
+    def store_now(self, pairs: list[tuple[bytes, int]]) -> None:
+        """Copy these blocks before returning (preemption swap-out); spilling to disk stays in the background."""
+        if self.kv_caches[0].is_cuda:
+            torch.cuda.current_stream().synchronize()
+        data = gather_blocks(self.kv_caches, [b for _, b in pairs]).cpu()
+        self._jobs.put((None, self._insert(pairs, data)))
+
     def completed(self, wait: bool = False) -> list[int]:
         """Device blocks whose copy is done. wait=True: first wait for every copy in flight."""
         with self._lock:
@@ -255,6 +262,9 @@ class KVTiers:
         stream = torch.cuda.Stream() if self.kv_caches[0].is_cuda else None
         while (job := self._jobs.get()) is not None:
             pairs, event = job
+            if pairs is None:  # blocks store_now() copied: only the disk spill is left
+                self._spill(event)
+                continue
             data, t0 = None, time.perf_counter()
             try:
                 data = self._gather(pairs, event, stream)
@@ -265,27 +275,34 @@ class KVTiers:
                     self._done.extend(b for _, b in pairs)  # copied (or failed): unpin
                     self._pending -= 1
                     self._lock.notify_all()
-            spill = []
-            with self._lock:
-                for j, (h, _) in enumerate(pairs):
-                    self._inflight.discard(h)
-                    if data is None:
-                        continue
-                    if self.host_capacity > 0:
-                        self._host[h] = data[:, :, j].clone()
-                    else:
-                        spill.append((h, data[:, :, j]))
-                    self.num_offloaded += 1
-                while len(self._host) > self.host_capacity:
-                    spill.append(self._host.popitem(last=False))
-            for h, block in spill:  # disk I/O outside the lock
-                if self.disk is not None:
-                    try:
-                        self.disk.put(h, block)
-                        self.num_spilled += 1
-                    except OSError:  # disk full or gone: the block is simply not kept
-                        pass
+            self._spill(self._insert(pairs, data))
             self.copy_s += time.perf_counter() - t0
+
+    def _insert(self, pairs, data) -> list:
+        """Into the host LRU; returns what must go to disk (LRU victims, or everything without a host tier)."""
+        spill = []
+        with self._lock:
+            for j, (h, _) in enumerate(pairs):
+                self._inflight.discard(h)
+                if data is None:
+                    continue
+                if self.host_capacity > 0:
+                    self._host[h] = data[:, :, j].clone()
+                else:
+                    spill.append((h, data[:, :, j]))
+                self.num_offloaded += 1
+            while len(self._host) > self.host_capacity:
+                spill.append(self._host.popitem(last=False))
+        return spill
+
+    def _spill(self, spill: list) -> None:
+        for h, block in spill:  # disk I/O outside the lock
+            if self.disk is not None:
+                try:
+                    self.disk.put(h, block)
+                    self.num_spilled += 1
+                except OSError:  # disk full or gone: the block is simply not kept
+                    pass
 
     def _gather(self, pairs, event, stream) -> torch.Tensor:
         ids = [b for _, b in pairs]

@@ -229,12 +229,17 @@ class Scheduler:
             for req in self.running:
                 self.block_manager.cache_full_blocks(req)
 
-    def _offload(self, req: Request) -> None:
-        """Copy a finished request's cached blocks to the host tier in the background; pin them meanwhile."""
+    def _offload(self, req: Request, now: bool = False) -> None:
+        """Copy a finished request's cached blocks to the host tier in the background, pinned meanwhile;
+        now=True (preemption: the memory is needed at once) copies them before returning."""
         bm = self.block_manager
         bm.cache_full_blocks(req)
         todo = [(h, b) for b in req.block_table[:req.num_cached_blocks]
                 if (h := bm.cached_hash(b)) is not None and self.kv_tiers.wants(h)]
+        if now:
+            if todo:
+                self.kv_tiers.store_now(todo)
+            return
         for _, b in todo:
             bm.share(b)
         if todo:
@@ -253,6 +258,8 @@ class Scheduler:
         self.running.remove(req)
         if self.kv_fence is not None:
             self.kv_fence(req)
+        if self.kv_tiers is not None:  # swap out instead of recompute: copying a block beats recomputing it
+            self._offload(req, now=True)
         self.block_manager.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
