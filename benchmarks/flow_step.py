@@ -9,6 +9,7 @@ turns, round after round, and the median per variant is reported with its ratio 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -31,6 +32,20 @@ def _one_thread(fn):
     return call
 
 
+def _write_trace(executor, step, args) -> None:
+    from nanoflow.flow.trace import chrome_trace, gantt
+    executor.trace = []
+    executor(*step)
+    events, executor.trace = executor.trace, None
+    os.makedirs(args.trace, exist_ok=True)
+    ms = 1e3 * (max(e[3] for e in events) - min(e[2] for e in events))
+    title = (f"{args.model} {args.dtype}, overlap, {args.dense_batch} tokens ({args.num_decode} decode at "
+             f"context {args.context}), {ms:.0f} ms")
+    with open(os.path.join(args.trace, "trace.json"), "w") as f:
+        json.dump(chrome_trace(events, {"title": title}), f)
+    gantt(events, os.path.join(args.trace, "gantt.png"), title)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default")
@@ -41,6 +56,7 @@ def main() -> None:
     p.add_argument("--plan", default=None, help="plan JSON for nanobatch/overlap (default: the 2-nano-batch plan)")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--verbose", action="store_true", help="print every timing as it is taken")
+    p.add_argument("--trace", default=None, help="also write one overlap step's trace.json + gantt.png here")
     args = p.parse_args()
 
     from nanoflow.flow.executor import make_executor
@@ -63,6 +79,8 @@ def main() -> None:
                     times[name].append(time.perf_counter() - t0)
                 if args.verbose:
                     print(f"round {r} {name}: {(time.perf_counter() - t0) * 1e3:.1f} ms", flush=True)
+    if args.trace:
+        _write_trace(variants["overlap"], (ids, pos, meta, kv), args)
     base = statistics.median(times["plain forward"])
     print(f"{args.model} {args.dtype}: {args.dense_batch} tokens ({args.num_decode} decode at context "
           f"{args.context}), {args.rounds} interleaved rounds, {torch.get_num_threads()} threads")
