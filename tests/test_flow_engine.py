@@ -53,3 +53,18 @@ def test_bad_executor_or_plan_is_a_clear_error(tmp_path):
     bad.write_text('{"version": 1, "dense_batch": 8, "units": [], "nano_batches": {}, "order": {}}')
     with pytest.raises(ValueError, match="format"):
         LLM("default", executor="overlap", plan=str(bad))
+
+
+def test_trace_command_writes_chrome_json_and_gantt(tmp_path):
+    import json
+
+    from nanoflow.cli import main
+    out = tmp_path / "trace"
+    assert main(["trace", "--executor", "overlap", "--dense-batch", "16", "--num-requests", "6", "--prompt-len", "8",
+                 "--warmup-steps", "1", "--out", str(out)]) == 0
+    events = json.load(open(out / "trace.json"))["traceEvents"]
+    names = {e["args"]["name"] for e in events if e["ph"] == "M"}
+    assert names == {"compute", "memory"}
+    ops = {e["name"].split("#")[0] for e in events if e["ph"] == "X"}
+    assert {"qkv", "decode_attn", "gate_up", "down"} <= ops
+    assert (out / "gantt.png").stat().st_size > 10_000
