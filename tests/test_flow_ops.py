@@ -129,3 +129,20 @@ def test_overlap_executor_records_a_trace(model, step):
     assert units == {"compute", "memory"}
     assert len(ex.trace) == 18 * len(model.layers)
     assert all(t1 >= t0 for *_, t0, t1 in ex.trace)
+
+
+def test_overlap_without_cross_layer_overlap(model, step, reference):
+    """cross_layer=false puts a barrier after every layer: same result, and no nano-op of layer l+1 starts
+    before every nano-op of layer l has ended."""
+    from nanoflow.flow.plan import overlap_plan
+    plan = overlap_plan(model.cfg, len(step[0]), split=6)
+    plan.cross_layer = False
+    ex = make_executor("overlap", plan, model)
+    ex.trace = []
+    out, _ = _run(ex, step)
+    ex.close()
+    torch.testing.assert_close(out, reference[0], rtol=1e-5, atol=1e-5)
+    for layer in range(1, len(model.layers)):
+        end_prev = max(t1 for _, task, _, t1 in ex.trace if task.layer == layer - 1)
+        start = min(t0 for _, task, t0, _ in ex.trace if task.layer == layer)
+        assert start >= end_prev
