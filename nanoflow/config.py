@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, field, fields
 
 
 @functools.lru_cache(maxsize=1)
@@ -31,7 +32,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_model_len: int | None = None  # None: the model's context length
     block_size: int = 16
-    kv_cache_gb: float = 2.0
+    # Like vLLM's VLLM_CPU_KVCACHE_SPACE: NANOFLOW_KV_CACHE_GB sets the default pool size (tests keep it small).
+    kv_cache_gb: float = field(default_factory=lambda: float(os.environ.get("NANOFLOW_KV_CACHE_GB", "2.0")))
     num_kv_blocks: int | None = None  # overrides kv_cache_gb (tests force preemption with it)
     admission_control: bool = True
     seed: int = 0

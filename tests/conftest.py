@@ -1,7 +1,16 @@
+import gc
 import os
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton picks interpreter vs compiler when a kernel is decorated, i.e. when the first test module imports
+    # nanoflow.kernels.triton_*: set it here, before any of them, so the CPU run executes the kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Engines of earlier test modules may linger until collected: keep each KV pool small (server subprocesses inherit).
+os.environ.setdefault("NANOFLOW_KV_CACHE_GB", "0.5")
+
+import pytest
 
 PROMPTS = [
     "The capital of France is",
@@ -14,6 +23,13 @@ PROMPTS = [
     "Once upon a time, in a small village by the mountains,",
 ]
 NUM_TOKENS = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _collect_engines_after_module():
+    """Free the module's engines (weights + KV pools) before the next module builds its own."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

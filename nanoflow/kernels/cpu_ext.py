@@ -54,9 +54,24 @@ def load():
     """The compiled module, or None if it cannot be built here."""
     try:
         from torch.utils.cpp_extension import load as load_ext
+        _remove_stale_build_lock("nanoflow_cpu_kernels")
         return load_ext(name="nanoflow_cpu_kernels", sources=_SOURCES, verbose=False,
                         extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                         extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler / ninja: keep working on the torch path
         log.warning("C++ CPU kernels unavailable (%s); using the torch fallback", e)
         return None
+
+
+def _remove_stale_build_lock(name: str, max_age_s: float = 600.0) -> None:
+    """torch's build lock outlives a build that was killed (OOM, Ctrl-C), and every later process then waits
+    on it forever; a build takes ~1 minute, so a lock older than `max_age_s` is stale."""
+    import time
+    from torch.utils.cpp_extension import _get_build_directory
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > max_age_s:
+            os.remove(lock)
+            log.warning("removed a stale C++ build lock %s", lock)
+    except OSError:
+        pass
