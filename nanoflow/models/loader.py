@@ -50,8 +50,11 @@ def resolve_model(model: str) -> ModelSource:
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":  # every command's --dtype, not only the engine's, accepts what EngineConfig defaults to
+        from nanoflow.config import preferred_dtype
+        dtype = preferred_dtype()
     if dtype not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise ValueError(f"unsupported dtype {dtype!r}; choose auto or one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
