@@ -173,6 +173,10 @@ def test_peak_smoke_and_cache(tmp_path):
     assert measure_gemm_peak(TINY, torch.float32, 8, seconds=0.05, cache_path=path) == v  # cached
     keys = json.load(open(path))
     assert any("float32" in k and "m=8" in k and "threads=" in k for k in keys)
+    # A re-measurement never lowers the peak: a run under load must not shrink the optimum.
+    key = next(iter(keys))
+    json.dump({key: v * 1000}, open(path, "w"))
+    assert measure_gemm_peak(TINY, torch.float32, 8, seconds=0.05, cache_path=path, refresh=True) == v * 1000
     assert measure_mem_bandwidth(seconds=0.02, nbytes=1 << 20, cache_path=path) > 0
 
 

@@ -103,7 +103,8 @@ def _maybe_profile(on: bool):
 def optimum(cfg, dtype, dense_batch: int, seconds: float) -> tuple[float, float]:
     from nanoflow.tune.costmodel import optimal_throughput
     from nanoflow.tune.peak import measure_gemm_peak
-    peak = measure_gemm_peak(cfg, dtype, dense_batch, seconds=seconds)
+    # Re-measured every run (the cache keeps the best value seen, so a loaded run cannot lower it).
+    peak = measure_gemm_peak(cfg, dtype, dense_batch, seconds=seconds, refresh=True)
     return peak, optimal_throughput(cfg, peak)
 
 
