@@ -90,28 +90,38 @@ def config_from_hf(c: dict) -> ModelConfig:
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos, name=c.get("_name_or_path", arch))
 
 
-def build_model(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, seed: int = 0) -> LlamaForCausalLM:
+def build_model(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, seed: int = 0,
+                device: str | torch.device = "cpu") -> LlamaForCausalLM:
+    """The model with its weights on `device`, materialised there in `dtype` (no float32 copy of the whole
+    model, no detour through CPU RAM: an 8B model in bf16 needs 16 GB on the device and nothing more)."""
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device="cpu")
-    model.rope.__init__(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)  # buffers were on meta
+    model = model.to(dtype).to_empty(device=device)
+    # The RoPE tables were on meta: recompute them on the CPU (the same numbers on every device).
+    model.rope.__init__(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
     if src.kind == "dummy":
         _init_dummy(model, seed)
     else:
         weights = _hf_weights(src.path) if src.kind == "hf" else _gguf_weights(src.path, cfg)
-        load_weights(model, weights, cfg)
-    return model.to(dtype).eval()
+        load_weights(model, weights, cfg)  # copy_ casts each checkpoint tensor to `dtype` on the device
+    return model.to(device=device, dtype=dtype).eval()  # the RoPE buffers: to the device and dtype
 
 
 def _init_dummy(model: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
+    """N(0, 0.02) drawn in float32 one parameter at a time, then cast: the values do not depend on the
+    serving dtype, and peak memory is the model plus one float32 parameter. A device generator draws on the
+    device (a CUDA draw differs from a CPU one with the same seed)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith("layernorm.weight") or name == "norm.weight":
             p.data.fill_(1.0)
         elif name.endswith("bias"):
             p.data.zero_()
-        else:
+        elif p.dtype == torch.float32:
             p.data.normal_(0.0, 0.02, generator=gen)
+        else:
+            p.data.copy_(torch.empty(p.shape, device=device).normal_(0.0, 0.02, generator=gen))
 
 
 def _hf_weights(path: str):
