@@ -151,8 +151,9 @@ class KVTiers:
     """
 
     def __init__(self, kv_caches: list[torch.Tensor], host_bytes: int, disk_bytes: int = 0,
-                 cache_dir: str | os.PathLike | None = None) -> None:
+                 cache_dir: str | os.PathLike | None = None, step_stream=None) -> None:
         self.kv_caches = kv_caches
+        self.step_stream = step_stream  # CUDA: the stream the steps (which write the KV) run on
         _, _, bs, h, d = kv_caches[0].shape
         self.block_shape = (len(kv_caches), 2, bs, h, d)
         self.dtype = kv_caches[0].dtype
@@ -189,7 +190,7 @@ class KVTiers:
         event = None
         if self.kv_caches[0].is_cuda:  # the copy must see the KV the launched steps write
             event = torch.cuda.Event()
-            event.record()
+            event.record(self.step_stream or torch.cuda.current_stream(self.kv_caches[0].device))
         with self._lock:
             self._inflight.update(h for h, _ in pairs)
             self._pending += 1
@@ -197,8 +198,8 @@ class KVTiers:
 
     def store_now(self, pairs: list[tuple[bytes, int]]) -> None:
         """Copy these blocks before returning (preemption swap-out); spilling to disk stays in the background."""
-        if self.kv_caches[0].is_cuda:
-            torch.cuda.current_stream().synchronize()
+        if self.kv_caches[0].is_cuda:  # every stream: the steps' own and the default one
+            torch.cuda.synchronize(self.kv_caches[0].device)
         data = gather_blocks(self.kv_caches, [b for _, b in pairs]).cpu()
         self._jobs.put((None, self._insert(pairs, data)))
 
@@ -259,7 +260,7 @@ class KVTiers:
 
     # ---- background thread ----
     def _worker(self) -> None:
-        stream = torch.cuda.Stream() if self.kv_caches[0].is_cuda else None
+        stream = torch.cuda.Stream(self.kv_caches[0].device) if self.kv_caches[0].is_cuda else None
         while (job := self._jobs.get()) is not None:
             pairs, event = job
             if pairs is None:  # blocks store_now() copied: only the disk spill is left
@@ -317,19 +318,22 @@ class KVTiers:
         return host
 
 
-def kv_cache_salt(src, dtype: torch.dtype, block_size: int, seed: int) -> bytes:
+def kv_cache_salt(src, dtype: torch.dtype, block_size: int, seed: int, device: str = "cpu") -> bytes:
     """Everything besides the tokens that decides a block's KV: the weights (path, size, mtime; the seed
-    for random dummy weights), dtype and block size. Goes into every block hash, so also into disk keys."""
+    for random dummy weights), dtype, block size and a non-CPU device type (other kernels, other dummy draws).
+    Goes into every block hash, so also into disk keys."""
     ident = src.path
     if os.path.exists(src.path):
         st = os.stat(src.path)
         ident += f"|{st.st_size}|{st.st_mtime_ns}"
-    return f"{src.kind}|{ident}|{dtype}|{block_size}|{seed if src.kind == 'dummy' else ''}".encode()
+    kind = torch.device(device).type
+    salt = f"{src.kind}|{ident}|{dtype}|{block_size}|{seed if src.kind == 'dummy' else ''}"
+    return (salt if kind == "cpu" else f"{salt}|{kind}").encode()  # CPU keys stay as they were
 
 
-def make_kv_tiers(config, kv_caches: list[torch.Tensor]) -> KVTiers | None:
+def make_kv_tiers(config, kv_caches: list[torch.Tensor], step_stream=None) -> KVTiers | None:
     """The tiers an EngineConfig asks for, or None (both sizes 0)."""
     if not (config.host_kv_cache_gb > 0 or config.disk_kv_cache_gb > 0):
         return None
     return KVTiers(kv_caches, int(config.host_kv_cache_gb * (1 << 30)), int(config.disk_kv_cache_gb * (1 << 30)),
-                   config.kv_cache_dir)
+                   config.kv_cache_dir, step_stream)

@@ -47,12 +47,16 @@ class ModelRunner:
         self.executor = make_executor(executor, plan, model, self.device, dense_batch)
         shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_layers)]
-        self.sampler = Sampler(seed)
+        self.sampler = Sampler(seed, self.device)
         self._step_id = 0
         self._prev_rows: dict[str, int] = {}  # request id -> its row in the last prepared step's samples
         self._prev_tokens: torch.Tensor | None = None  # last run step's sampled tokens (device side)
         self._ran_step = 0
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.stream = None  # CUDA: steps run on their own stream, in launch order
+        if self.device.type == "cuda":
+            self.stream = torch.cuda.Stream(self.device)
+            # The weights and the zeroed KV pool were written on the default stream: order the steps after them.
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Host side of a step (scheduling thread): token ids, positions, slots, block tables, sampling rows."""

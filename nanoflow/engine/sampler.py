@@ -46,16 +46,19 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, device: str | torch.device = "cpu") -> None:
+        # Generators live on the logits' device, so the noise is drawn there (on a GPU, a seed gives other
+        # draws than on the CPU, but still ones that do not depend on the batch).
+        self.device = torch.device(device)
         self._generators: dict[str, torch.Generator] = {}
-        self._shared = torch.Generator().manual_seed(seed)
+        self._shared = torch.Generator(self.device).manual_seed(seed)
 
     def generator(self, row: SampleRow) -> torch.Generator:
         if row.params.seed is None:
             return self._shared
         g = self._generators.get(row.request_id)
         if g is None:
-            g = self._generators[row.request_id] = torch.Generator().manual_seed(row.params.seed)
+            g = self._generators[row.request_id] = torch.Generator(self.device).manual_seed(row.params.seed)
         return g
 
     def release(self, req: Request) -> None:
@@ -108,7 +111,8 @@ class Sampler:
         probs = torch.softmax(logits / temps, dim=-1)
         probs = _filter(probs, reqs)
         # Exponential race (Gumbel-max in probability space): one draw per row from its own generator.
-        noise = torch.stack([torch.empty(probs.shape[1]).exponential_(generator=self.generator(r)) for r in reqs])
+        noise = torch.stack([torch.empty(probs.shape[1], device=self.device).exponential_(generator=self.generator(r))
+                             for r in reqs])
         return (probs / noise.to(probs.device)).argmax(dim=-1)
 
     @staticmethod

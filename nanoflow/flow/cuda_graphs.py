@@ -107,7 +107,8 @@ class GraphedStep:
         smeta = _static_meta(meta, key, kv_caches[0].shape[2], dev)
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(dev)
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the KV tiers' offload thread may copy on its own stream while this thread captures
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = self.executor(ids, pos, smeta, kv_caches)
         entry = _Captured(graph, ids, pos, smeta, out)
         return entry

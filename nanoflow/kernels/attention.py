@@ -1,16 +1,20 @@
-"""Paged attention in plain torch (the CPU path and the reference for GPU kernels).
+"""Paged attention in plain torch (the CPU path and the reference for GPU kernels). Decode attention goes to
+the C++ kernel on the CPU and to the Triton paged kernel on CUDA (torch fallback for shapes it does not take).
 
 KV cache per layer: [2, num_blocks, block_size, num_kv_heads, head_dim].
 The step's tokens are laid out decode first (one token per request), prefill chunks last.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from nanoflow.kernels import cpu_ext
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,7 +97,25 @@ def decode_attention(q, kv_cache, block_tables, context_lens, max_len: int, scal
     ext = cpu_ext.get() if q.device.type == "cpu" else None
     if ext is not None:  # reads the pages in place: no gathered copy of the context
         return ext.paged_decode(q, kv_cache[0], kv_cache[1], block_tables, context_lens, scale)
+    if q.is_cuda and _triton_decode_fits(q, kv_cache):  # the GPU's in-place paged kernel
+        from nanoflow.kernels.triton_attention import paged_decode_attention
+        try:
+            return paged_decode_attention(q, kv_cache, block_tables, context_lens, scale)
+        except Exception as e:  # e.g. it does not compile for this GPU: the torch path still serves
+            global _triton_failed
+            _triton_failed = True
+            log.warning("Triton decode attention failed (%s: %s); using the torch path", type(e).__name__, e)
     return decode_attention_torch(q, kv_cache, block_tables, context_lens, max_len, scale)
+
+
+_triton_failed = False
+
+
+def _triton_decode_fits(q, kv_cache) -> bool:
+    """Triton is importable, has not failed, and the shapes suit the kernel (power-of-two head_dim, block_size)."""
+    from nanoflow.kernels.triton_gemm import available
+    d, bs = q.shape[-1], kv_cache.shape[2]
+    return available() and not _triton_failed and not (d & (d - 1) or bs & (bs - 1))
 
 
 def decode_attention_torch(q, kv_cache, block_tables, context_lens, max_len: int, scale: float):
