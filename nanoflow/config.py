@@ -7,12 +7,14 @@ import os
 from dataclasses import dataclass, field, fields
 
 
-@functools.lru_cache(maxsize=1)
-def preferred_dtype() -> str:
-    """What `dtype="auto"` means: bfloat16 where the hardware multiplies it natively (a GPU, or a CPU with
-    AVX512-BF16/AMX), else float32 - on an AVX2-only CPU bf16 GEMMs are emulated and about 4x slower."""
+@functools.lru_cache(maxsize=None)
+def preferred_dtype(device: str | None = None) -> str:
+    """What `dtype="auto"` means on `device` (None: the best device here): bfloat16 where the hardware multiplies
+    it natively (a GPU, or a CPU with AVX512-BF16/AMX), else float32 - on an AVX2-only CPU bf16 GEMMs are
+    emulated and about 4x slower."""
     import torch
-    if torch.cuda.is_available():
+    on_gpu = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if on_gpu:
         return "bfloat16"
     try:
         with open("/proc/cpuinfo") as f:
@@ -22,10 +24,28 @@ def preferred_dtype() -> str:
     return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
+def resolve_device(device: str) -> str:
+    """What `device` means: "auto" -> "cuda" when CUDA is available, else "cpu"; "cpu", "cuda" and "cuda:N" are
+    checked here, so a bad value fails with one clear line before any weights load."""
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, sep, index = device.partition(":")
+    if device != "cpu" and (kind != "cuda" or (sep and not index.isdigit())):
+        raise ValueError(f"unsupported device {device!r}; choose auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda or 'none'}); use --device cpu")
+    if sep and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
 @dataclass
 class EngineConfig:
     model: str = "default"
-    dtype: str = "auto"  # auto: preferred_dtype(); bfloat16 | float32
+    dtype: str = "auto"  # auto: preferred_dtype(device); bfloat16 | float32
+    device: str = "auto"  # auto: cuda if available, else cpu; cpu | cuda | cuda:N (weights, KV cache, every step)
     dense_batch: int = 256  # tokens per step (NanoFlow's B_dense); 1024-2048 on a GPU
     executor: str = "sequential"  # NanoFlow's intra-device parallelism: sequential | nanobatch | overlap
     plan: str | None = None  # plan JSON for nanobatch/overlap ("auto": nanoflow tune); None: the default plan
@@ -46,8 +66,9 @@ class EngineConfig:
     kv_cache_dir: str | None = None  # directory of the disk tier (default ~/.cache/nanoflow/kv)
 
     def __post_init__(self) -> None:
+        self.device = resolve_device(self.device)
         if self.dtype == "auto":
-            self.dtype = preferred_dtype()
+            self.dtype = preferred_dtype(self.device)
         if self.executor not in ("sequential", "nanobatch", "overlap"):
             raise ValueError(f"executor must be sequential, nanobatch or overlap, got {self.executor!r}")
         for name in ("dense_batch", "max_num_seqs", "block_size"):
@@ -69,6 +90,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="'default' (SmolLM2-135M-Instruct), a .gguf file, an HF directory or dummy:<preset>")
     g.add_argument("--dtype", default=d.dtype,
                    help="auto (bfloat16 where the hardware multiplies it natively, else float32) | bfloat16 | float32")
+    g.add_argument("--device", default="auto",
+                   help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N: where the weights, the KV cache "
+                        "and every step live")
     g.add_argument("--dense-batch", type=int, default=d.dense_batch, help="token budget per step")
     g.add_argument("--executor", default=d.executor,
                    help="sequential | nanobatch | overlap: each step's layers as one batch, as the plan's "
@@ -77,7 +101,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=d.block_size)
-    g.add_argument("--kv-cache-gb", type=float, default=d.kv_cache_gb)
+    g.add_argument("--kv-cache-gb", type=float, default=d.kv_cache_gb,
+                   help="KV pool size on the device (a fixed size, also on a GPU: size it to the free memory left "
+                        "after the weights; NANOFLOW_KV_CACHE_GB sets the default)")
     g.add_argument("--num-kv-blocks", type=int, default=None)
     g.add_argument("--no-admission-control", dest="admission_control", action="store_false")
     g.add_argument("--seed", type=int, default=d.seed)

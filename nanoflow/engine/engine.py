@@ -70,7 +70,7 @@ class LLMEngine:
         self.dtype = parse_dtype(config.dtype)
         self.model_config = load_config(src)
         self.tokenizer = load_tokenizer(src)
-        model = build_model(src, self.model_config, self.dtype, seed=config.seed)
+        model = build_model(src, self.model_config, self.dtype, seed=config.seed, device=config.device)
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
         num_blocks = config.num_kv_blocks or kv_cache_blocks(
@@ -79,10 +79,10 @@ class LLMEngine:
             dense_batch=config.dense_batch, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
             block_size=config.block_size, num_blocks=num_blocks, admission_control=config.admission_control,
             prefix_caching=config.prefix_caching,
-            cache_salt=kv_cache_salt(src, self.dtype, config.block_size, config.seed)))
+            cache_salt=kv_cache_salt(src, self.dtype, config.block_size, config.seed, config.device)))
         self.runner = ModelRunner(model, self.model_config, self.dtype, num_blocks, config.block_size, config.seed,
                                   config.executor, config.plan, config.dense_batch)
-        self.kv_tiers = self.scheduler.kv_tiers = make_kv_tiers(config, self.runner.kv_caches)
+        self.kv_tiers = self.scheduler.kv_tiers = make_kv_tiers(config, self.runner.kv_caches, self.runner.stream)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
