@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     console.rule(f"[bold]Offline throughput: {args.num_requests} {args.workload} requests")
     requests = sample_workload(args.workload, args.num_requests, 0, llm.model_config.vocab_size,
                                llm.engine.max_model_len, args.max_input, args.max_output)
-    peak, best = optimum(llm.model_config, llm.engine.dtype, args.dense_batch, 1.0)
+    peak, best = optimum(llm.model_config, llm.engine.dtype, args.dense_batch, 1.0, llm.engine.config.device)
     row = {"system": f"nanoflow ({args.dtype})", **run_ours(llm, requests)}
     row["pct_of_optimal"] = 100.0 * row["total_tokens_per_s"] / best
     print_summary([row], f"optimum {best:.0f} tok/s = measured GEMM peak {peak / 1e9:.0f} GFLOP/s / "

@@ -100,11 +100,12 @@ def _maybe_profile(on: bool):
         profiling.set_active(False)
 
 
-def optimum(cfg, dtype, dense_batch: int, seconds: float) -> tuple[float, float]:
+def optimum(cfg, dtype, dense_batch: int, seconds: float, device: str = "cpu") -> tuple[float, float]:
     from nanoflow.tune.costmodel import optimal_throughput
     from nanoflow.tune.peak import measure_gemm_peak
-    # Re-measured every run (the cache keeps the best value seen, so a loaded run cannot lower it).
-    peak = measure_gemm_peak(cfg, dtype, dense_batch, seconds=seconds, refresh=True)
+    # Re-measured every run (the cache keeps the best value seen, so a loaded run cannot lower it), on the
+    # engine's device: on a GPU, % of optimal is against the GPU's GEMM peak.
+    peak = measure_gemm_peak(cfg, dtype, dense_batch, seconds=seconds, refresh=True, device=device)
     return peak, optimal_throughput(cfg, peak)
 
 
@@ -141,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(cfg.pop("model"), **cfg)
     requests = sample_workload(args.workload, args.num_requests, args.workload_seed,
                                llm.model_config.vocab_size, llm.engine.max_model_len, args.max_input, args.max_output)
-    peak, best = optimum(llm.model_config, llm.engine.dtype, args.dense_batch, args.peak_seconds)
+    device = llm.engine.config.device
+    peak, best = optimum(llm.model_config, llm.engine.dtype, args.dense_batch, args.peak_seconds, device)
     rows = [{"system": _ours_label(args, llm.engine.config.async_scheduling),
              **run_ours(llm, requests, args.profile)}]
     rows += run_executors(args, requests)
@@ -155,6 +157,6 @@ def run(args: argparse.Namespace) -> int:
                         f"(measured GEMM peak {peak / 1e9:.0f} GFLOP/s)")
     if args.json:
         write_json(args.json, {"workload": args.workload, "num_requests": len(requests), "dtype": args.dtype,
-                               "dense_batch": args.dense_batch, "peak_flops": peak, "optimal_tokens_per_s": best,
-                               "results": rows})
+                               "device": device, "dense_batch": args.dense_batch, "peak_flops": peak,
+                               "optimal_tokens_per_s": best, "results": rows})
     return 0
