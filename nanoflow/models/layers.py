@@ -11,9 +11,9 @@ from nanoflow.kernels import cpu_ext
 
 
 def _fused_ext(x: torch.Tensor):
-    """The C++ kernels for reduced-precision CPU tensors; float32 keeps torch's exact op order
-    (HF parity is proven bit for bit there)."""
-    return cpu_ext.get() if x.device.type == "cpu" and x.dtype != torch.float32 else None
+    """The C++ kernels for CPU tensors (one pass instead of torch's 3-6 with temporaries); None with
+    --no-cpp-kernels, whose float32 path keeps HF's exact op order (bit-identical to the reference)."""
+    return cpu_ext.get() if x.device.type == "cpu" else None
 
 
 class RMSNorm(nn.Module):
@@ -68,7 +68,7 @@ class RotaryEmbedding(nn.Module):
 
     def prepare(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeInputs:
         """Once per step; the torch path's cos/sin tables are looked up here, not in every layer."""
-        if cpu_ext.get() is not None and positions.device.type == "cpu" and dtype != torch.float32:
+        if cpu_ext.get() is not None and positions.device.type == "cpu":
             return RopeInputs(positions)
         return RopeInputs(positions, self.cos[positions].to(dtype).unsqueeze(1),
                           self.sin[positions].to(dtype).unsqueeze(1))
