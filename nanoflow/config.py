@@ -109,7 +109,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--num-threads", type=int, default=None)
     g.add_argument("--no-cpp-kernels", dest="cpp_kernels", action="store_false",
-                   help="pure-torch CPU path (ablation; also NANOFLOW_NO_CPP=1)")
+                   help="pure-torch CPU path: no C++ kernels, one-GEMM LM head (ablation; also NANOFLOW_NO_CPP=1)")
     g.add_argument("--no-async", dest="async_scheduling", action="store_false",
                    help="schedule each step only after the previous one's tokens are read (ablation)")
     g.add_argument("--no-prefix-cache", dest="prefix_caching", action="store_false",

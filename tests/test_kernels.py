@@ -70,3 +70,11 @@ def test_argmax_rows_matches_torch(dtype):
     x[2, -1] = x[2].max() + 1  # the maximum in the tail after the vector lanes
     assert torch.equal(ext.argmax_rows(x), x.argmax(dim=-1))
     assert torch.equal(ext.argmax_rows(x[:, :100]), x[:, :100].argmax(dim=-1))  # strided rows
+
+
+def test_blocked_logits_equal_one_gemm():
+    from nanoflow.models.layers import LOGITS_BLOCK, logits_linear
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2 * LOGITS_BLOCK + 777, 64, generator=gen)  # a ragged last block
+    x = torch.randn(5, 64, generator=gen)
+    assert torch.equal(logits_linear(x, w), F.linear(x, w))

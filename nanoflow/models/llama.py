@@ -9,7 +9,7 @@ from torch import nn
 
 from nanoflow.kernels.attention import AttentionMetadata, paged_attention, write_kv
 from nanoflow.models.config import ModelConfig
-from nanoflow.models.layers import Linear, RMSNorm, RopeInputs, RotaryEmbedding, silu_and_mul
+from nanoflow.models.layers import Linear, RMSNorm, RopeInputs, RotaryEmbedding, logits_linear, silu_and_mul
 
 
 class Attention(nn.Module):
@@ -102,4 +102,4 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, w)
+        return logits_linear(hidden, w)
