@@ -91,3 +91,28 @@ def test_penalties_change_greedy_output(llm_fp32):
 def test_bad_params_rejected(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         SamplingParams(**kw)
+
+
+def test_penalties_without_unique_or_bincount_match_the_reference():
+    """The sampler's penalties use scatter masks/counts (torch.unique and bincount read their output size back
+    to the host: a GPU sync per request); the values equal the unique/bincount formulas exactly."""
+    import torch
+    from nanoflow.engine.sampler import SampleRow, Sampler
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g)
+    hist = [[1, 2, 2, 7, 7, 7, 40], [3, 3, 9], [0, 49, 5, 5]]
+    params = [SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.25),
+              SamplingParams(repetition_penalty=0.8), SamplingParams(frequency_penalty=1.5)]
+    rows = [SampleRow(f"r{i}", p, h, 2) for i, (p, h) in enumerate(zip(params, hist))]
+    want = logits.clone()
+    for row, r in zip(want, rows):
+        p, h = r.params, torch.tensor(r.history)
+        if p.repetition_penalty != 1.0:
+            seen = torch.unique(h)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        counts = torch.bincount(h[r.num_prompt:], minlength=row.numel()).to(row.dtype)
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    got = logits.clone()
+    Sampler._apply_penalties(got, rows, torch.zeros(3, dtype=torch.long))
+    assert torch.equal(got, want)

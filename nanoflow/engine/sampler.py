@@ -79,7 +79,8 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
             idx = [i for i, g in enumerate(greedy) if not g]
             if idx:
-                tokens[idx] = self._sample_rows(logits[idx], [rows[i] for i in idx])
+                at = _to(logits.device, idx)
+                tokens[at] = self._sample_rows(logits[at], [rows[i] for i in idx])
         lps = [None] * len(rows)
         if any(want_lp):  # logprobs are read on the worker (a device sync on a GPU; off the hot path)
             token_list = tokens.tolist()
@@ -94,20 +95,23 @@ class Sampler:
             if not p.needs_penalties:
                 continue
             row = logits[i]
-            hist = torch.tensor(r.history, dtype=torch.long, device=row.device)
+            hist = _to(row.device, r.history)
             if r.pending_row >= 0:  # the token sampled by the previous step, still on the device
                 hist = torch.cat([hist, input_ids[r.pending_row:r.pending_row + 1].to(row.device)])
+            # Masks and counts by scatter, not torch.unique / bincount: on a GPU those read their output
+            # size back to the host (a sync per request). Same values.
             if p.repetition_penalty != 1.0:  # HF/vLLM rule over prompt and output tokens
-                seen = torch.unique(hist)
-                vals = row[seen]
-                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+                seen = torch.zeros(row.shape, dtype=torch.bool, device=row.device).index_fill_(0, hist, True)
+                rp = p.repetition_penalty
+                row.copy_(torch.where(seen, torch.where(row > 0, row / rp, row * rp), row))
             out = hist[r.num_prompt:]
             if out.numel() and (p.presence_penalty or p.frequency_penalty):  # OpenAI rule, output only
-                counts = torch.bincount(out, minlength=row.numel()).to(row.dtype)
+                counts = torch.zeros_like(row).index_add_(0, out, torch.ones(out.shape, dtype=row.dtype,
+                                                                             device=row.device))
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
     def _sample_rows(self, logits: torch.Tensor, reqs: list[SampleRow]) -> torch.Tensor:
-        temps = torch.tensor([r.params.temperature for r in reqs], device=logits.device).unsqueeze(1)
+        temps = _to(logits.device, [r.params.temperature for r in reqs], torch.float32).unsqueeze(1)
         probs = torch.softmax(logits / temps, dim=-1)
         probs = _filter(probs, reqs)
         # Exponential race (Gumbel-max in probability space): one draw per row from its own generator.
@@ -122,6 +126,13 @@ class Sampler:
             vals, ids = lp.topk(k)
             top = list(zip(ids.tolist(), vals.tolist()))
         return {"token_id": token, "logprob": lp[token].item(), "top": top}
+
+
+def _to(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A host list as a tensor on `device`. To a GPU through pinned memory without blocking: a plain
+    torch.tensor(..., device="cuda") copies from pageable memory and waits for the step's stream to drain."""
+    t = torch.tensor(values, dtype=dtype)
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -141,10 +152,10 @@ def _filter(probs: torch.Tensor, reqs: list[SampleRow]) -> torch.Tensor:
     sorted_p, idx = probs.sort(dim=-1, descending=True)
     dev = probs.device
     rank = torch.arange(probs.shape[1], device=dev).unsqueeze(0)
-    drop = rank >= torch.tensor(top_k, device=dev).unsqueeze(1)
+    drop = rank >= _to(dev, top_k).unsqueeze(1)
     cum = sorted_p.cumsum(dim=-1)
-    drop |= (cum - sorted_p) >= torch.tensor(top_p, device=dev).unsqueeze(1)  # keep the smallest set reaching top_p
-    drop |= sorted_p < torch.tensor(min_p, device=dev).unsqueeze(1) * sorted_p[:, :1]
+    drop |= (cum - sorted_p) >= _to(dev, top_p, torch.float32).unsqueeze(1)  # keep the smallest set reaching top_p
+    drop |= sorted_p < _to(dev, min_p, torch.float32).unsqueeze(1) * sorted_p[:, :1]
     drop[:, 0] = False  # the most likely token always survives
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     out = torch.zeros_like(probs).scatter_(1, idx, sorted_p)
