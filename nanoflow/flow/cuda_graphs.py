@@ -80,11 +80,21 @@ class GraphedStep:
     def trace(self, value) -> None:
         self.executor.trace = value
 
+    @property
+    def trace_steps(self):  # a plain attribute here would shadow the list the executor appends to
+        return self.executor.trace_steps
+
+    @trace_steps.setter
+    def trace_steps(self, value) -> None:
+        self.executor.trace_steps = value
+
     def key(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> GraphKey:
         width = 0 if meta.decode_block_tables is None else meta.decode_block_tables.shape[1]
         return graph_key(self.plan_id, input_ids.shape[0], meta.num_decode, meta.prefills, width)
 
     def __call__(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
+        if self.executor.trace is not None:  # tracing times each nano-op: eager (a replay records nothing)
+            return self.executor(input_ids, positions, meta, kv_caches)
         key = self.key(input_ids, meta)
         entry = None if self.disabled else self.cache.get(key)
         if entry is None:
@@ -105,6 +115,10 @@ class GraphedStep:
         dev = kv_caches[0].device
         ids, pos = input_ids.to(dev).clone(), positions.to(dev).clone()
         smeta = _static_meta(meta, key, kv_caches[0].shape[2], dev)
+        # Warm up on the static buffers first (PyTorch's capture rule): the padded decode table has another
+        # stride than the eager run's, so Triton may specialise (compile, load) a new kernel, which must
+        # not happen inside the capture. Idempotent: the same KV goes to the same slots.
+        self.executor(ids, pos, smeta, kv_caches)
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(dev)
         # thread_local: the KV tiers' offload thread may copy on its own stream while this thread captures
