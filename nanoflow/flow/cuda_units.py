@@ -27,6 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 MECHANISMS = ("driver", "torch", "soft", "none")
+STEP_BUFFERS = ("hidden", "residual", "qkv", "act", "attn_out")  # flow.ops.StepState tensors ops may rebind
 
 
 # ---------------------------------------------------------------- pure arithmetic (unit-tested on CPU)
@@ -249,7 +250,15 @@ class CudaUnits:
     def run_op(self, model, task, state, start: int, end: int) -> None:
         """The op runner executors should call for a task on these units: SM-limited kernels in soft mode."""
         from nanoflow.flow.cuda_soft import run_op_limited
+        before = [getattr(state, n) for n in STEP_BUFFERS]
         run_op_limited(model, task.layer, task.op, state, start, end, self.sm_budget(self.names[task.unit]))
+        # An op on the whole step rebinds a buffer instead of writing its rows. The old tensor may have been
+        # allocated on another unit's stream and be read there still: without record_stream, that stream's
+        # next allocation may reuse its memory while those reads are in flight.
+        for old, name in zip(before, STEP_BUFFERS):
+            if old is not None and old is not getattr(state, name):
+                for s in self.streams.values():
+                    old.record_stream(s)
 
     def run(self, program, fn, trace: list | None = None, num_tokens: int = 0) -> None:
         """Launch every unit's tasks on its stream; cross-unit dependencies become CUDA events. Forks from
