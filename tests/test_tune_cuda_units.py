@@ -124,3 +124,55 @@ def test_soft_partition_ops_match_the_normal_path():
                     run_op(model, 0, op, state, a, b)
         outs.append(state.hidden.clone())
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+def test_graphed_step_runs_eagerly_while_tracing(monkeypatch):
+    """`nanoflow trace` sets executor.trace / trace_steps on the runner's executor, a GraphedStep on a GPU:
+    both must reach the wrapped executor, and traced steps run eagerly (a replay times no nano-op)."""
+    from nanoflow.flow import cuda_graphs
+    from nanoflow.flow.plan import sequential_plan
+    from nanoflow.kernels.attention import AttentionMetadata
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+
+    class Exec:
+        plan, trace, trace_steps, calls = sequential_plan(None, 8), None, [], 0
+
+        def __call__(self, ids, pos, meta, kv):
+            self.calls += 1
+            if self.trace is not None:
+                self.trace_steps.append((ids.shape[0], 0, 0))
+            return ids
+
+    ex = Exec()
+    step = cuda_graphs.GraphedStep(ex)
+    step.trace, step.trace_steps = [], []
+    assert ex.trace == [] and ex.trace_steps == [] and step.trace_steps is ex.trace_steps
+    monkeypatch.setattr(step, "_capture", lambda *a: pytest.fail("captured a traced step"))
+    meta = AttentionMetadata(slot_mapping=torch.zeros(2, dtype=torch.long))
+    for _ in range(3):  # a key's second sight would capture
+        step(torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), meta, [])
+    assert ex.calls == 3 and len(step.trace_steps) == 3
+
+
+def test_cuda_units_keep_rebound_buffers_alive_for_every_stream(monkeypatch):
+    """A whole-step op rebinds a StepState buffer; the old tensor may still be read on another unit's stream,
+    so CudaUnits.run_op marks it used on every unit stream (record_stream) before dropping it."""
+    from types import SimpleNamespace
+    from nanoflow.flow import cuda_soft
+
+    class Buf:
+        def __init__(self):
+            self.streams = []
+
+        def record_stream(self, s):
+            self.streams.append(s)
+
+    old_hidden, qkv, new_hidden = Buf(), Buf(), Buf()
+    state = SimpleNamespace(hidden=old_hidden, residual=None, qkv=qkv, act=None, attn_out=Buf())
+    monkeypatch.setattr(cuda_soft, "run_op_limited", lambda *a: setattr(state, "hidden", new_hidden))
+    units = object.__new__(cu.CudaUnits)
+    units.names, units.mechanism, units.streams = ["compute", "memory"], "none", {"compute": "s0", "memory": "s1"}
+    units.run_op(None, SimpleNamespace(layer=0, op="o_proj", unit=0), state, 0, 4)
+    assert state.hidden is new_hidden and old_hidden.streams == ["s0", "s1"]
+    assert qkv.streams == [] and new_hidden.streams == []
