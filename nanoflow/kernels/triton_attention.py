@@ -73,6 +73,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         raise ValueError(f"paged_decode_attention: q {tuple(q.shape)} does not fit cache {tuple(kv_cache.shape)}")
     if d & (d - 1) or bs & (bs - 1):
         raise ValueError(f"head_dim ({d}) and block_size ({bs}) must be powers of two")
+    q = q.contiguous()  # before empty_like: the kernel assumes unit stride over head_dim in q and out
     if out is None:
         out = torch.empty_like(q)
     k, v = kv_cache[0], kv_cache[1]
@@ -81,7 +82,6 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     if num_programs is None:
         num_programs = items
     grid = (max(1, min(num_programs, items)),)
-    q = q.contiguous()
     kwargs = {} if interpreting() else {"num_warps": num_warps}
     _paged_decode_kernel[grid](
         q, k, v, out, block_tables, context_lens, scale,
