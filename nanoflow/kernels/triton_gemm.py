@@ -61,7 +61,7 @@ if triton is not None:
             a_ptr, b_ptr, c_ptr, M, N, K, num_sms,
             stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-            UPCAST: tl.constexpr):
+            UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """C[M, N] = A[M, K] @ B[N, K]^T, fp32 accumulation, one program per SM walking tiles."""
         start_pid = tl.program_id(axis=0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -88,7 +88,7 @@ if triton is not None:
                 if UPCAST:  # the CPU interpreter multiplies bf16 bit patterns as integers: widen first
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
             c = acc.to(c_ptr.dtype.element_ty)
             tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, c,
                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -124,8 +124,12 @@ def persistent_linear(x: torch.Tensor, weight: torch.Tensor, num_sms: int | None
         raise ValueError(f"num_sms must be at least 1, got {num_sms}")
     grid = (max(1, min(num_sms, num_tiles(m, n, block_m, block_n))),)
     kwargs = {} if interpreting() else {"num_warps": num_warps, "num_stages": num_stages}
+    # float32: TF32 only where torch's own matmuls use it (Triton's default is TF32, so the soft partition's
+    # float32 GEMMs were less precise than F.linear and greedy tokens could differ from the other paths).
+    precision = "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else None
     _persistent_linear_kernel[grid](
         x, weight, out, m, n, k, grid[0],
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, UPCAST=interpreting(), **kwargs)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, UPCAST=interpreting(),
+        DOT_PRECISION=precision, **kwargs)
     return out
