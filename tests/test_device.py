@@ -148,3 +148,37 @@ def test_cuda_host_tier_reload(cpu_tokens):
     assert tiers.num_offloaded > 0
     assert greedy(llm, [prompt])[0] == first
     assert llm.engine.stats.tier_hit_tokens > 0
+
+
+@needs_cuda
+def test_cuda_greedy_with_penalties_matches_cpu(cuda_llm):
+    """Penalties on the device (scatter masks/counts, pinned non-blocking history copies) pick the CPU's tokens."""
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2,
+                            max_tokens=N, ignore_eos=True)
+    cpu = LLM("default", dtype="float32", device="cpu")
+    assert greedy(cuda_llm, PROMPTS[:2], params) == greedy(cpu, PROMPTS[:2], params)
+
+
+@needs_cuda
+def test_cuda_soft_gemm_float32_is_not_tf32():
+    """The soft partition's Triton GEMM in float32 keeps F.linear's precision (Triton's default is TF32)."""
+    pytest.importorskip("triton")
+    from nanoflow.kernels.triton_gemm import persistent_linear
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(64, 4096, device="cuda", generator=g)
+    w = torch.randn(512, 4096, device="cuda", generator=g)
+    torch.testing.assert_close(persistent_linear(x, w, num_sms=8), torch.nn.functional.linear(x, w),
+                               rtol=1e-4, atol=1e-3)
+
+
+@needs_cuda
+def test_cuda_trace_reaches_the_graphed_executor():
+    """`nanoflow trace` on a GPU: trace/trace_steps set on the runner's (graphed) executor record a step."""
+    llm = LLM("default", dtype="float32", device="cuda", executor="overlap", dense_batch=32)
+    ex = llm.engine.runner.executor
+    greedy(llm, PROMPTS[:2])  # shapes seen twice: graphs captured
+    ex.trace, ex.trace_steps = [], []
+    greedy(llm, PROMPTS[:2])
+    assert ex.trace_steps and ex.trace
+    ex.trace = None
+    ex.close()
