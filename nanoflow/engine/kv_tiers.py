@@ -29,6 +29,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nanoflow.engine.transfer import host_to_device
+
 _SUFFIX = ".safetensors"
 
 
@@ -45,9 +47,7 @@ def gather_blocks(kv_caches: list[torch.Tensor], block_ids: list[int]) -> torch.
 def scatter_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], staging: torch.Tensor) -> None:
     """Reload: one contiguous host->device copy of the staging tensor, then index_copy_ into the pages."""
     device = kv_caches[0].device
-    ids = torch.tensor(block_ids, dtype=torch.long)
-    if device.type != "cpu":  # runs on the step stream: pinned, so the copy does not wait for the stream to drain
-        ids = ids.pin_memory().to(device, non_blocking=True)
+    ids = host_to_device(torch.tensor(block_ids, dtype=torch.long), device)  # ordered on the step stream
     staging = staging.to(device, non_blocking=True)
     for layer, kv in enumerate(kv_caches):
         kv.index_copy_(1, ids, staging[layer])

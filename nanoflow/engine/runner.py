@@ -9,6 +9,7 @@ import torch
 from nanoflow.engine.kv_tiers import scatter_blocks
 from nanoflow.engine.sampler import SampleResult, SampleRow, Sampler
 from nanoflow.engine.scheduler import ScheduledBatch
+from nanoflow.engine.transfer import host_to_device
 from nanoflow.flow.executor import make_executor
 from nanoflow.kernels.attention import AttentionMetadata, PrefillChunk
 from nanoflow.models.config import ModelConfig
@@ -147,7 +148,7 @@ class ModelRunner:
 def _to_device(inp: StepInputs, device: torch.device) -> None:
     """Host-built step tensors to the device (non-blocking: ordered on the step's stream)."""
     def mv(t):
-        return None if t is None else t.pin_memory().to(device, non_blocking=True)
+        return None if t is None else host_to_device(t, device)
     inp.input_ids, inp.positions, inp.sample_rows = mv(inp.input_ids), mv(inp.positions), mv(inp.sample_rows)
     inp.fill_rows, inp.fill_src = mv(inp.fill_rows), mv(inp.fill_src)
     m = inp.meta

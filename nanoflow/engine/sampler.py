@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoflow.engine.request import Request
+from nanoflow.engine.transfer import host_to_device
 from nanoflow.kernels import cpu_ext
 from nanoflow.sampling_params import SamplingParams
 
@@ -129,10 +130,8 @@ class Sampler:
 
 
 def _to(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """A host list as a tensor on `device`. To a GPU through pinned memory without blocking: a plain
-    torch.tensor(..., device="cuda") copies from pageable memory and waits for the step's stream to drain."""
-    t = torch.tensor(values, dtype=dtype)
-    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+    """A host list as a tensor on `device` (not torch.tensor(..., device=cuda): that one syncs)."""
+    return host_to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
