@@ -34,6 +34,12 @@ def _load(path: str) -> dict:
         return {}
 
 
+def _cached(path: str, key: str) -> float:
+    """The stored peak for `key`, 0.0 if there is none (or it is not a positive number)."""
+    value = _load(path).get(key)
+    return float(value) if isinstance(value, (int, float)) and value > 0 else 0.0
+
+
 def _store(path: str, key: str, value: float) -> None:
     data = _load(path)
     data[key] = value
@@ -115,8 +121,7 @@ def measure_gemm_peak(cfg: ModelConfig, dtype: torch.dtype, m: int, seconds: flo
     shape = "x".join(str(v) for v in (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers,
                                       cfg.q_size, cfg.kv_size, cfg.vocab_size))
     key = f"gemm|{shape}|{str(dtype).replace('torch.', '')}|m={m}|{_device_tag(device)}"
-    cached = _load(path).get(key)
-    cached = float(cached) if isinstance(cached, (int, float)) and cached > 0 else 0.0
+    cached = _cached(path, key)
     if cached and not refresh:
         return cached
     value = max(cached, _measure_gemm(cfg, dtype, m, seconds, device))
@@ -131,8 +136,7 @@ def measure_mem_bandwidth(seconds: float = 0.5, nbytes: int = 256 * 2**20, refre
     Much larger than any cache, so this is DRAM / HBM bandwidth."""
     path = cache_path or default_cache_path()
     key = f"membw|{nbytes}|{_device_tag(device)}"
-    cached = _load(path).get(key)
-    cached = float(cached) if isinstance(cached, (int, float)) and cached > 0 else 0.0
+    cached = _cached(path, key)
     if cached and not refresh:
         return cached
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
