@@ -47,12 +47,13 @@ def resolve_model(model: str) -> ModelSource:
         f"model {model!r} not found: give 'default', 'dummy:<preset>', a .gguf file or an HF directory")
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype, device: str | None = None) -> torch.dtype:
+    """`dtype` as a torch dtype; "auto" is what it means on `device` (None: the best device here)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":  # every command's --dtype, not only the engine's, accepts what EngineConfig defaults to
         from nanoflow.config import preferred_dtype
-        dtype = preferred_dtype()
+        dtype = preferred_dtype(device)
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose auto or one of {', '.join(DTYPES)}")
     return DTYPES[dtype]

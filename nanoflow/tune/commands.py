@@ -39,10 +39,10 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
 def load_model(args):
     from nanoflow.config import resolve_device
     from nanoflow.models.loader import build_model, load_config, parse_dtype, resolve_model
-    device = torch.device(resolve_device(args.device or "auto"))  # the engine's rule and errors
+    device = resolve_device(args.device or "auto")  # the engine's rule and errors
     src = resolve_model(args.model)
     cfg = load_config(src)
-    return build_model(src, cfg, parse_dtype(args.dtype), device=device)
+    return build_model(src, cfg, parse_dtype(args.dtype, device), device=torch.device(device))
 
 
 def _grid(args) -> dict:
