@@ -26,8 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-input", type=int, default=None, help="cap prompt lengths (tokens)")
     g.add_argument("--max-output", type=int, default=None, help="cap output lengths (tokens)")
     g = p.add_argument_group("comparison")
-    g.add_argument("--compare", default="", help="comma list of peers: hf, llama.cpp")
+    g.add_argument("--compare", default="", help="comma list of peers: hf, llama.cpp, vllm")
     g.add_argument("--hf-batch-sizes", default="16,32,64", help="static batch sizes HF tries")
+    g.add_argument("--vllm-token-budgets", default="256,1024,2048",
+                   help="max_num_batched_tokens values vLLM tries (one engine each; the best is its row)")
+    g.add_argument("--vllm-venv", default=None,
+                   help="vLLM's virtualenv (default: $NANOFLOW_VLLM_VENV, else .venv-vllm at the repo root)")
     g.add_argument("--llamacpp-parallel", type=int, default=64)
     g.add_argument("--peak-seconds", type=float, default=1.0, help="GEMM peak measurement time")
     g.add_argument("--json", default=None, help="write results to this file")
@@ -125,9 +129,31 @@ def run_peers(args, llm, requests: list[BenchRequest]) -> list[dict]:
                 print("skipping llama.cpp: needs a GGUF model and `pip install llama-cpp-python`")
                 continue
             rows.append({"system": "llama.cpp", **run_llamacpp(src.path, requests, args.llamacpp_parallel)})
+        elif peer == "vllm":
+            rows.append(run_vllm_peer(args, llm, requests))
         else:
-            raise ValueError(f"unknown peer {peer!r}: choose hf, llama.cpp")
+            raise ValueError(f"unknown peer {peer!r}: choose hf, llama.cpp, vllm")
     return rows
+
+
+def run_vllm_peer(args, llm, requests: list[BenchRequest]) -> dict:
+    """vLLM's row: the model as an HF dir (a GGUF is converted once, cached), our dtype, each token budget.
+    A row that says why (``note``, no throughput) when vLLM or the conversion cannot run here."""
+    from nanoflow.bench.vllm_baseline import default_venv, failure_row, missing_venv, run_vllm
+    dtype = llm.engine.dtype
+    try:
+        budgets = [int(b) for b in args.vllm_token_budgets.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"bad --vllm-token-budgets {args.vllm_token_budgets!r}: expected e.g. 256,1024") from None
+    venv = args.vllm_venv or default_venv()
+    if why := missing_venv(venv):  # say so before converting the model for nothing
+        return failure_row(why, dtype)
+    try:
+        from nanoflow.bench.hf_export import hf_model_dir
+        model_dir = hf_model_dir(args.model)
+    except Exception as e:  # noqa: BLE001 - e.g. dummy: models have no weights to give vLLM
+        return failure_row(f"no HF model directory for vLLM: {type(e).__name__}: {e}", dtype)
+    return run_vllm(model_dir, requests, dtype, budgets, venv=venv)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
         print_step_breakdown(rows)
     rows += run_peers(args, llm, requests)
     for r in rows:
-        r["pct_of_optimal"] = 100.0 * r["total_tokens_per_s"] / best
+        if r.get("total_tokens_per_s"):  # a peer that could not run has a note instead of a throughput
+            r["pct_of_optimal"] = 100.0 * r["total_tokens_per_s"] / best
     print_summary(rows, f"{args.workload}, {len(requests)} requests, optimum {best:.0f} tok/s "
                         f"(measured GEMM peak {peak / 1e9:.0f} GFLOP/s)")
     if args.json:

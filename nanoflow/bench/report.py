@@ -28,7 +28,8 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 def print_summary(rows: list[dict], title: str, console: Console | None = None) -> None:
     """Print a table of throughput rows; the first row is ours, and the last column is
-    ours' total tok/s divided by that row's (so 2.00x means ours is twice as fast)."""
+    ours' total tok/s divided by that row's (so 2.00x means ours is twice as fast). A row may lack the
+    throughput keys (a peer that could not run: "-" cells); each row's "note" is printed under the table."""
     table = Table(title=title)
     table.add_column("system", style="bold")
     for header, _, _ in _COLUMNS:
@@ -42,6 +43,9 @@ def print_summary(rows: list[dict], title: str, console: Console | None = None) 
     if console is None:  # pipes and CI logs default to 80 columns, which would elide the numbers
         console = Console(width=max(Console().width, 150))
     console.print(table)
+    for row in rows:
+        if row.get("note"):
+            console.print(f"{row.get('system', '?')}: {row['note']}", markup=False, highlight=False)
 
 
 def print_breakdown(rows: list[tuple[str, float, float]], title: str) -> None:
