@@ -24,6 +24,16 @@ def preferred_dtype(device: str | None = None) -> str:
     return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
+def default_dense_batch(device: str, dtype: str) -> int:
+    """The token budget per step that is fastest on this hardware (`dense_batch=None`). A GPU: 2048 (the
+    paper's B_dense). A CPU with native bf16 multiplies 1024-row GEMMs ~10% faster than 256-row ones and a
+    bigger step amortises the per-step costs (1.36x end to end on const:128/128 x 256, 2 AVX512-BF16 cores);
+    on an AVX2-only CPU in float32, 512 did not beat 256 (docs/benchmarks.md)."""
+    if device.startswith("cuda"):
+        return 2048
+    return 1024 if dtype == "bfloat16" else 256
+
+
 def resolve_device(device: str) -> str:
     """What `device` means: "auto" -> "cuda" when CUDA is available, else "cpu"; "cpu", "cuda" and "cuda:N" are
     checked here, so a bad value fails with one clear line before any weights load."""
@@ -46,7 +56,7 @@ class EngineConfig:
     model: str = "default"
     dtype: str = "auto"  # auto: preferred_dtype(device); bfloat16 | float32
     device: str = "auto"  # auto: cuda if available, else cpu; cpu | cuda | cuda:N (weights, KV cache, every step)
-    dense_batch: int = 256  # tokens per step (NanoFlow's B_dense); 1024-2048 on a GPU
+    dense_batch: int | None = None  # tokens per step (NanoFlow's B_dense); None: default_dense_batch(device, dtype)
     executor: str = "sequential"  # NanoFlow's intra-device parallelism: sequential | nanobatch | overlap
     plan: str | None = None  # plan JSON for nanobatch/overlap ("auto": nanoflow tune); None: the default plan
     max_num_seqs: int = 256
@@ -59,6 +69,7 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     cpp_kernels: bool = True  # C++ CPU kernels (decode attention, fused norm/rope/silu, argmax); off: pure torch
+    packed_gemm: bool = True  # oneDNN prepacked weights for bf16 GEMMs on a CPU (layers.packed_gemm_supported)
     async_scheduling: bool = True  # schedule step i+1 while step i runs on the device (off: --no-async)
     prefix_caching: bool = True  # reuse cached full KV blocks across requests (off: --no-prefix-cache)
     host_kv_cache_gb: float = 0.0  # host-memory KV tier for finished requests' blocks (0: off)
@@ -69,6 +80,8 @@ class EngineConfig:
         self.device = resolve_device(self.device)
         if self.dtype == "auto":
             self.dtype = preferred_dtype(self.device)
+        if self.dense_batch is None:
+            self.dense_batch = default_dense_batch(self.device, self.dtype)
         if self.executor not in ("sequential", "nanobatch", "overlap"):
             raise ValueError(f"executor must be sequential, nanobatch or overlap, got {self.executor!r}")
         for name in ("dense_batch", "max_num_seqs", "block_size"):
@@ -93,7 +106,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto",
                    help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N: where the weights, the KV cache "
                         "and every step live")
-    g.add_argument("--dense-batch", type=int, default=d.dense_batch, help="token budget per step")
+    g.add_argument("--dense-batch", type=int, default=None,
+                   help="token budget per step (default: the hardware's best: 1024 on a CPU with native bf16, "
+                        "256 on an AVX2-only CPU, 2048 on a GPU)")
     g.add_argument("--executor", default=d.executor,
                    help="sequential | nanobatch | overlap: each step's layers as one batch, as the plan's "
                         "nano-batches, or overlapped on execution units (bench offline: a comma list)")
@@ -110,6 +125,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-threads", type=int, default=None)
     g.add_argument("--no-cpp-kernels", dest="cpp_kernels", action="store_false",
                    help="pure-torch CPU path: no C++ kernels, one-GEMM LM head (ablation; also NANOFLOW_NO_CPP=1)")
+    g.add_argument("--no-packed-gemm", dest="packed_gemm", action="store_false",
+                   help="F.linear instead of oneDNN prepacked weights for bf16 GEMMs on a CPU (ablation)")
     g.add_argument("--no-async", dest="async_scheduling", action="store_false",
                    help="schedule each step only after the previous one's tokens are read (ablation)")
     g.add_argument("--no-prefix-cache", dest="prefix_caching", action="store_false",

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     cfg = asdict(engine_config_from_args(args))
     llm = LLM(cfg.pop("model"), **cfg)
-    console.rule(f"[bold]Chat with {args.model} ({args.dtype})")
+    console.rule(f"[bold]Chat with {args.model} ({llm.engine.config.dtype}, dense batch {llm.engine.config.dense_batch})")
     outs = llm.chat([[{"role": "user", "content": q}] for q in DEMO_CHATS],
                     SamplingParams(temperature=0.0, max_tokens=128), use_tqdm=False)
     for q, o in zip(DEMO_CHATS, outs):
@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     console.rule(f"[bold]Offline throughput: {args.num_requests} {args.workload} requests")
     requests = sample_workload(args.workload, args.num_requests, 0, llm.model_config.vocab_size,
                                llm.engine.max_model_len, args.max_input, args.max_output)
-    peak, best = optimum(llm.model_config, llm.engine.dtype, args.dense_batch, 1.0, llm.engine.config.device)
+    eng = llm.engine.config
+    peak, best = optimum(llm.model_config, llm.engine.dtype, eng.dense_batch, 1.0, eng.device)
     row = {"system": f"nanoflow ({args.dtype})", **run_ours(llm, requests)}
     row["pct_of_optimal"] = 100.0 * row["total_tokens_per_s"] / best
     print_summary([row], f"optimum {best:.0f} tok/s = measured GEMM peak {peak / 1e9:.0f} GFLOP/s / "

@@ -18,11 +18,12 @@ def _paged_cache(num_blocks, block_size, hkv, d, dtype, gen):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hq, hkv, d", [(9, 3, 64), (4, 4, 128), (8, 2, 32)])
-def test_paged_decode_matches_torch(dtype, hq, hkv, d):
+@pytest.mark.parametrize("b, bs", [(6, 16), (40, 16), (40, 32), (40, 8)])  # few requests: an item per kv head
+def test_paged_decode_matches_torch(dtype, hq, hkv, d, b, bs):
     gen = torch.Generator().manual_seed(0)
-    bs, nb, b = 16, 128, 6
+    nb = 1024 // bs * b // 4
     cache = _paged_cache(nb, bs, hkv, d, dtype, gen)
-    lens = torch.tensor([1, 15, 16, 17, 100, 200])
+    lens = torch.tensor([1, 15, 16, 17, 100, 200] * (b // 6) + [33, 200, 199, 64][: b % 6])
     width = -(-int(lens.max()) // bs)
     tables = torch.randperm(nb, generator=gen)[: b * width].view(b, width)  # scattered, non-contiguous pages
     q = torch.randn(b, hq, d, generator=gen).to(dtype)
@@ -78,3 +79,18 @@ def test_blocked_logits_equal_one_gemm():
     w = torch.randn(2 * LOGITS_BLOCK + 777, 64, generator=gen)  # a ragged last block
     x = torch.randn(5, 64, generator=gen)
     assert torch.equal(logits_linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.skipif(not __import__("nanoflow.models.layers", fromlist=["x"]).packed_gemm_supported(
+    torch.bfloat16, "cpu"), reason="no native bf16 GEMMs in oneDNN on this CPU")
+@pytest.mark.parametrize("m", [1, 7, 64, 300])
+def test_packed_linear_equals_f_linear_bf16(m):
+    """oneDNN prepacked weights give F.linear's bf16 results bit for bit, whatever the M the packing assumed."""
+    from nanoflow.models.layers import pack_weight, packed_linear
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(960, 576, generator=gen).to(torch.bfloat16)
+    b = torch.randn(960, generator=gen).to(torch.bfloat16)
+    x = torch.randn(m, 576, generator=gen).to(torch.bfloat16)
+    packed = pack_weight(w, 256)
+    assert torch.equal(packed_linear(x, packed), F.linear(x, w))
+    assert torch.equal(packed_linear(x, packed, b), F.linear(x, w, b))

@@ -45,3 +45,12 @@ def test_pure_torch_path_matches_hf(hf_reference):
         _check(llm.generate([ids for ids, _ in hf_reference], GREEDY, use_tqdm=False), hf_reference)
     finally:
         cpu_ext.set_enabled(True)  # process-wide switch: later tests' engines expect the default
+
+
+def test_packed_gemm_keeps_bf16_tokens(hf_reference):
+    """bf16 on the CPU: oneDNN prepacked GEMMs (bit-identical to F.linear) give the same greedy tokens as
+    --no-packed-gemm (where the hardware has no native bf16 the packed path is off: two plain runs)."""
+    prompts = [ids for ids, _ in hf_reference]
+    fast = LLM("default", dtype="bfloat16").generate(prompts, GREEDY, use_tqdm=False)
+    plain = LLM("default", dtype="bfloat16", packed_gemm=False).generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in plain]

@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     requests = sample_workload(args.workload, args.num_requests, args.workload_seed,
                                llm.model_config.vocab_size, llm.engine.max_model_len, args.max_input, args.max_output)
     device = llm.engine.config.device
-    peak, best = optimum(llm.model_config, llm.engine.dtype, args.dense_batch, args.peak_seconds, device)
+    peak, best = optimum(llm.model_config, llm.engine.dtype, llm.engine.config.dense_batch, args.peak_seconds, device)
     rows = [{"system": _ours_label(args, llm.engine.config.async_scheduling),
              **run_ours(llm, requests, args.profile)}]
     rows += run_executors(args, requests)
@@ -184,6 +184,6 @@ def run(args: argparse.Namespace) -> int:
                         f"(measured GEMM peak {peak / 1e9:.0f} GFLOP/s)")
     if args.json:
         write_json(args.json, {"workload": args.workload, "num_requests": len(requests), "dtype": args.dtype,
-                               "device": device, "dense_batch": args.dense_batch, "peak_flops": peak,
+                               "device": device, "dense_batch": llm.engine.config.dense_batch, "peak_flops": peak,
                                "optimal_tokens_per_s": best, "results": rows})
     return 0

@@ -17,6 +17,7 @@ from nanoflow.engine.request import Request
 from nanoflow.engine.runner import ModelRunner, kv_cache_blocks
 from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
 from nanoflow.kernels import cpu_ext
+from nanoflow.models.layers import packed_gemm_supported
 from nanoflow.models.loader import build_model, load_config, parse_dtype, resolve_model
 from nanoflow.outputs import CompletionOutput, RequestOutput
 from nanoflow.profiling import region
@@ -71,6 +72,8 @@ class LLMEngine:
         self.model_config = load_config(src)
         self.tokenizer = load_tokenizer(src)
         model = build_model(src, self.model_config, self.dtype, seed=config.seed, device=config.device)
+        if config.packed_gemm and packed_gemm_supported(self.dtype, config.device):
+            model.prepack_linears(config.dense_batch)
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
         num_blocks = config.num_kv_blocks or kv_cache_blocks(

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = asdict(engine_config_from_args(args))
     llm = LLM(cfg.pop("model"), **cfg)
     eng, rng = llm.engine, random.Random(0)
-    n = args.num_requests or max(2, args.dense_batch // 4)
+    n = args.num_requests or max(2, eng.config.dense_batch // 4)
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     for i in range(n):
         eng.add_request(f"t{i}", [rng.randrange(llm.model_config.vocab_size) for _ in range(args.prompt_len)], params)
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("no step was traced: use fewer --warmup-steps or more requests")
     (tokens, decode, count), events, executor.trace = executor.trace_steps[0], executor.trace, None
     events = events[:count]  # the first traced step only
-    info = {"model": args.model, "executor": args.executor, "dense_batch": args.dense_batch,
+    info = {"model": args.model, "executor": args.executor, "dense_batch": eng.config.dense_batch,
             "step_tokens": tokens, "decode_tokens": decode,
             "plan": executor.plan.meta.get("name", args.plan), "step_ms": 1e3 * (max(e[3] for e in events)
                                                                               - min(e[2] for e in events))}

@@ -9,7 +9,8 @@ from torch import nn
 
 from nanoflow.kernels.attention import AttentionMetadata, paged_attention, write_kv
 from nanoflow.models.config import ModelConfig
-from nanoflow.models.layers import Linear, RMSNorm, RopeInputs, RotaryEmbedding, logits_linear, silu_and_mul
+from nanoflow.models.layers import Linear, RMSNorm, RopeInputs, RotaryEmbedding, logits_linear, pack_weight, \
+    silu_and_mul
 
 
 class Attention(nn.Module):
@@ -89,6 +90,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.rope) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.packed_head: torch.Tensor | None = None  # the LM head in oneDNN's layout (prepack_linears)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
         """Returns final hidden states [T, hidden] for all tokens of the step."""
@@ -100,6 +102,16 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
+    def prepack_linears(self, m_hint: int) -> None:
+        """Every linear layer and the LM head in oneDNN's blocked layout (bf16 on a CPU with native bf16:
+        `packed_gemm_supported`); costs a second copy of the weights."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.packed = pack_weight(module.weight, m_hint)
+        self.packed_head = pack_weight(self.head_weight(), m_hint)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return logits_linear(hidden, w)
+        return logits_linear(hidden, self.head_weight(), self.packed_head)
