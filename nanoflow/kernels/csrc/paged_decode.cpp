@@ -24,6 +24,8 @@ struct DecodeArgs {  // one (request, kv head) work item
   int64_t len, bs, hkv, kvh, G, D;
   const int64_t* table;
   float scale;
+  const int64_t* next_table = nullptr;  // the thread's next request (its K pages are prefetched during this V pass)
+  int64_t next_len = 0;
 };
 
 inline float to_f32(float x) { return x; }
@@ -143,14 +145,16 @@ inline __m512 reduce16(__m512* v) {
                        _mm512_shuffle_f32x4(g1, g2, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// Prefetch the rows of the next page that this work item reads (its kv heads of every row), so the page walk,
-// which jumps to a random page every block_size rows, streams instead of stalling on each new page.
-inline void prefetch_page(const c10::BFloat16* cache, const DecodeArgs& a, int64_t blk, int64_t nkv) {
-  if (blk * a.bs >= a.len) return;
-  const char* p = reinterpret_cast<const char*>(cache + (a.table[blk] * a.bs * a.hkv + a.kvh) * a.D);
+// Prefetch into L2 the rows of page `blk` that this work item reads (its kv heads of every row). Each pass
+// prefetches the pages the next pass reads (the K pass this request's V pages, the V pass the next request's K
+// pages), a page per page processed: a whole pass of lead hides the latency of the random page walk.
+inline void prefetch_page(const c10::BFloat16* cache, const int64_t* table, int64_t len, const DecodeArgs& a,
+                          int64_t blk, int64_t nkv) {
+  if (table == nullptr || blk * a.bs >= len) return;
+  const char* p = reinterpret_cast<const char*>(cache + (table[blk] * a.bs * a.hkv + a.kvh) * a.D);
   const int64_t row_bytes = nkv * a.D * 2, stride = a.hkv * a.D * 2;
-  for (int64_t s = 0; s < a.bs; ++s, p += stride)
-    for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+  for (int64_t s = 0; s < std::min(a.bs, len - blk * a.bs); ++s, p += stride)
+    for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
 }
 
 // NV = head_dim / 16 float32 vectors per row (4 for D=64, 8 for D=128); G = query heads per kv head; the item
@@ -159,6 +163,10 @@ inline void prefetch_page(const c10::BFloat16* cache, const DecodeArgs& a, int64
 // Scores: 16 rows of a page at a time per query head (dot products with vdpbf16ps, one reduce16 per 16 rows).
 // Output: per page and kv head, each V row is loaded once for the G query heads, the accumulators in registers.
 template <int NV, int G>
+void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a, int64_t nkv,
+                          float* sc, c10::BFloat16* out, std::vector<float>& accbuf);
+
+template <int NV, int G>
 void decode_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a,
                  int64_t nkv, c10::BFloat16* out, std::vector<float>& scores, std::vector<float>& accbuf) {
   constexpr int NB = NV / 2;  // 32-wide bf16 vectors per row
@@ -166,9 +174,8 @@ void decode_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFl
   scores.resize(nkv * G * len);
   float* sc = scores.data();
   const __m512 scale = _mm512_set1_ps(a.scale);
-  prefetch_page(kc, a, 0, nkv);
   for (int64_t t0 = 0, blk = 0; t0 < len; t0 += a.bs, ++blk) {
-    prefetch_page(kc, a, blk + 1, nkv);
+    prefetch_page(vc, a.table, len, a, blk, nkv);
     const int64_t n_page = std::min(a.bs, len - t0);
     for (int64_t h = 0; h < nkv; ++h) {
       const c10::BFloat16* page = kc + (a.table[blk] * a.bs * a.hkv + a.kvh + h) * a.D;
@@ -193,34 +200,67 @@ void decode_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFl
     }
   }
   softmax_rows_avx512(sc, nkv * G, len);
+  weighted_values_bf16<NV, G>(kc, vc, a, nkv, sc, out, accbuf);
+}
+
+// out = P V for kv heads [a.kvh, a.kvh + nkv): two V rows at a time, interleaved (vpunpck{l,h}wd) into bf16
+// pairs, each multiplied by the pair (p_t, p_t+1) with vdpbf16ps: half the instructions of converting every V
+// row to float32 and one FMA per row. The probabilities are rounded to bf16 (relative error 2^-9, below the
+// bf16 output's own 2^-8); products and sums stay float32. The accumulators hold d in the interleaved order
+// (lane 4l + j of acc[2m + h] is d = 32m + 8l + 4h + j), undone once at the end.
+template <int NV, int G>
+void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a, int64_t nkv, float* sc,
+                          c10::BFloat16* out, std::vector<float>& accbuf) {
+  constexpr int NB = NV / 2;  // 32-wide bf16 vectors per row; 2 * NB interleaved vectors per row pair
+  const int64_t len = a.len, row_stride = a.hkv * a.D;
+  // Probabilities as bf16, in place over the float32 scores (row r at r * len, 2 bytes each).
+  uint16_t* pb = reinterpret_cast<uint16_t*>(sc);
+  for (int64_t r = 0; r < nkv * G; ++r)
+    for (int64_t t = 0; t < len; t += 16) {
+      const __mmask16 k = len - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (len - t)) - 1);
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, sc + r * len + t));
+      _mm256_mask_storeu_epi16(pb + r * len + t, k, h);
+    }
   accbuf.assign(nkv * G * NV * 16, 0.f);
-  prefetch_page(vc, a, 0, nkv);
   for (int64_t t0 = 0, blk = 0; t0 < len; t0 += a.bs, ++blk) {
-    prefetch_page(vc, a, blk + 1, nkv);
+    prefetch_page(kc, a.next_table, a.next_len, a, blk, nkv);
     const int64_t n_page = std::min(a.bs, len - t0);
     for (int64_t h = 0; h < nkv; ++h) {
       const c10::BFloat16* v0 = vc + (a.table[blk] * a.bs * a.hkv + a.kvh + h) * a.D;
       float* ah = accbuf.data() + h * G * NV * 16;
-      const float* sh = sc + h * G * len + t0;
+      const uint16_t* ph = pb + h * G * len + t0;
       __m512 acc[G][NV];
       for (int g = 0; g < G; ++g)
         for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_loadu_ps(ah + (g * NV + j) * 16);
-      for (int64_t s = 0; s < n_page; ++s) {
-        __m512 vf[NV];
-        for (int j = 0; j < NV; ++j) vf[j] = bf16x16_to_f32(v0 + s * row_stride + j * 16);
+      for (int64_t s = 0; s < n_page; s += 2) {
+        const bool pair = s + 1 < n_page;
+        __m512i iv[NV];
+        for (int m = 0; m < NB; ++m) {
+          const __m512i r = _mm512_loadu_si512(v0 + s * row_stride + m * 32);
+          const __m512i q = pair ? _mm512_loadu_si512(v0 + (s + 1) * row_stride + m * 32) : _mm512_setzero_si512();
+          iv[2 * m] = _mm512_unpacklo_epi16(r, q);
+          iv[2 * m + 1] = _mm512_unpackhi_epi16(r, q);
+        }
         for (int g = 0; g < G; ++g) {
-          const __m512 p = _mm512_set1_ps(sh[g * len + s]);
-          for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_fmadd_ps(p, vf[j], acc[g][j]);
+          uint32_t pp = ph[g * len + s];
+          if (pair) pp |= static_cast<uint32_t>(ph[g * len + s + 1]) << 16;
+          const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp));
+          for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_dpbf16_ps(acc[g][j], p, (__m512bh)iv[j]);
         }
       }
       for (int g = 0; g < G; ++g)
         for (int j = 0; j < NV; ++j) _mm512_storeu_ps(ah + (g * NV + j) * 16, acc[g][j]);
     }
   }
-  // float32 -> bf16 with round-to-nearest-even, as torch does.
-  for (int64_t i = 0; i < nkv * G * NV; ++i)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * 16),
-                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(accbuf.data() + i * 16)));
+  // Undo the interleaving, round to bf16 (nearest even, as torch does).
+  for (int64_t r = 0; r < nkv * G; ++r) {
+    const float* ar = accbuf.data() + r * NV * 16;
+    for (int j = 0; j < NV; ++j)
+      for (int lane = 0; lane < 16; ++lane) {
+        const int d = 32 * (j / 2) + 8 * (lane / 4) + 4 * (j % 2) + lane % 4;
+        out[r * NV * 16 + d] = c10::BFloat16(ar[j * 16 + lane]);
+      }
+  }
 }
 
 template <int NV>
@@ -369,6 +409,10 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / per_req, h = (i % per_req) * nkv;
         DecodeArgs a{lp[b], bs, hkv, h, G, D, btp + b * W, static_cast<float>(scale)};
+        if (i + 1 < end) {  // (the same kv heads of the next request: nkv == hkv whenever i + 1 is another request)
+          a.next_table = btp + ((i + 1) / per_req) * W;
+          a.next_len = nkv == hkv ? lp[(i + 1) / per_req] : 0;
+        }
         decode_item<scalar_t>(qp + (b * Hq + h * G) * D, kp, vp, a, nkv, op + (b * Hq + h * G) * D, scores, acc);
       }
     });
