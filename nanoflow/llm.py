@@ -86,5 +86,6 @@ class LLM:
 
 
 def _copy(p: SamplingParams) -> SamplingParams:
+    """The engine's own copy; only finished outputs come back (nothing here reads partial ones)."""
     import dataclasses
-    return dataclasses.replace(p)
+    return dataclasses.replace(p, output_kind="final_only")

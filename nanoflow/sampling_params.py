@@ -23,6 +23,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k: chosen token plus top-k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's RequestOutputKind: "cumulative" (an output every step, e.g. for streaming) or "final_only" (only the
+    # finished request: what LLM.generate asks for, so a step's cost does not grow with the outputs' length)
+    output_kind: str = "cumulative"
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -57,6 +60,7 @@ class SamplingParams:
             (self.min_tokens >= 0, "min_tokens", "must be non-negative"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
             (all(isinstance(s, str) and s for s in self._stop), "stop", "must be non-empty strings"),
+            (self.output_kind in ("cumulative", "final_only"), "output_kind", "must be cumulative or final_only"),
         ]
         for ok, name, msg in checks:
             if not ok:

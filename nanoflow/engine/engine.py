@@ -194,7 +194,8 @@ class LLMEngine:
             self._retire(req)
         if not self._in_flight and not self.scheduler.has_unfinished():
             self._clock.reset()  # nothing to do: the device idling now is not a scheduling gap
-        outputs = [self._make_output(g) for g in touched.values()]
+        outputs = [self._make_output(g) for g in touched.values()
+                   if g.children[0].params.output_kind == "cumulative" or all(c.is_finished for c in g.children)]
         self.stats.process_s += time.perf_counter() - t1
         return outputs
 
