@@ -17,8 +17,8 @@ KW = dict(dtype="float32", kv_cache_gb=0.25)  # a small KV pool: several engines
 
 @pytest.fixture(scope="module")
 def pair():
-    """The same engine twice: async (the default) and --no-async."""
-    return LLM("default", **KW), LLM("default", async_scheduling=False, **KW)
+    """The same engine twice: async (the default on a GPU) and --no-async (the default on a CPU)."""
+    return LLM("default", async_scheduling=True, **KW), LLM("default", async_scheduling=False, **KW)
 
 
 def _run(llm, prompts, params, chat=False):
@@ -86,14 +86,15 @@ def test_penalties(pair):
 
 
 def test_chunked_prefill_small_dense_batch():
-    pair = LLM("default", dense_batch=7, **KW), LLM("default", dense_batch=7, async_scheduling=False, **KW)
+    pair = (LLM("default", dense_batch=7, async_scheduling=True, **KW),
+            LLM("default", dense_batch=7, async_scheduling=False, **KW))
     prompts = PROMPTS + ["Explain in one paragraph why the sky is blue and why sunsets are red and orange."]
     _same(pair, prompts, SamplingParams(temperature=0.0, max_tokens=12))
 
 
 def test_preemption_same_tokens_and_no_leak():
     kw = dict(dtype="float32", num_kv_blocks=6, admission_control=False, dense_batch=64)
-    pair = LLM("default", **kw), LLM("default", async_scheduling=False, **kw)
+    pair = LLM("default", async_scheduling=True, **kw), LLM("default", async_scheduling=False, **kw)
     params = SamplingParams(temperature=0.0, max_tokens=26, ignore_eos=True)  # 2 blocks each, 6 in the pool
     _same(pair, PROMPTS, params)
     assert all(llm.engine.scheduler.num_preemptions > 0 for llm in pair)
@@ -156,7 +157,8 @@ def test_switch_and_stats(pair):
     parser = __import__("argparse").ArgumentParser()
     add_engine_arguments(parser)
     assert engine_config_from_args(parser.parse_args(["--no-async"])).async_scheduling is False
-    assert EngineConfig().async_scheduling is True
+    assert engine_config_from_args(parser.parse_args(["--async"])).async_scheduling is True
+    assert EngineConfig(device="cpu").async_scheduling is False  # the CPU default: the step's threads are the device
     b = pair[0].engine.stats.breakdown()
     assert b["cpu_ms"] > 0 and b["device_ms"] > 0 and 0.0 <= b["device_idle_pct"] <= 100.0
 
@@ -207,3 +209,26 @@ def test_scheduler_async_drive(reqs, dense_batch, num_blocks, block_size, max_nu
         steps += 1
         assert steps < 5000, "no progress"
     assert sched.block_manager.num_free_blocks == num_blocks
+
+
+def test_final_only_outputs_come_back_once(pair):
+    """output_kind="final_only" (what LLM.generate asks for): a request's output comes back once, finished;
+    "cumulative" (the server's streaming) gets one every step. Same tokens either way, async or not."""
+    tokens = []
+    for llm in pair:
+        eng = llm.engine
+        ids = eng.tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+        for kind in ("final_only", "cumulative"):
+            eng.add_request(kind, ids, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                      output_kind=kind))
+        seen = {"final_only": [], "cumulative": []}
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                seen[out.request_id].append(out)
+        assert len(seen["final_only"]) == 1 and seen["final_only"][0].finished
+        assert len(seen["cumulative"]) >= 10 and seen["cumulative"][-1].finished
+        assert seen["final_only"][0].outputs[0].token_ids == seen["cumulative"][-1].outputs[0].token_ids
+        tokens.append(seen["final_only"][0].outputs[0].token_ids)
+    assert tokens[0] == tokens[1]
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind="delta")
