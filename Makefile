@@ -36,6 +36,8 @@ $(VLLM_STAMP):
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds (they need libc10_cuda.so, which the CPU torch
 	# lacks) and make `from vllm import LLM` fail; only multimodal models need them.
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# vLLM's CPU guide preloads tcmalloc (and the Intel OpenMP its wheel ships) for its best speed.
+	-[ -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] || apt-get install -y -q libtcmalloc-minimal4
 	$(VLLM_PY) -c "from vllm import LLM, SamplingParams"
 	touch $(VLLM_STAMP)
 

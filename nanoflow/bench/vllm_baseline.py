@@ -102,6 +102,17 @@ def _run_budget(python: Path, job: dict, budget: int, workdir: Path, env: dict, 
     return out
 
 
+TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4")
+
+
+def vllm_preloads(venv: Path) -> list[str]:
+    """What vLLM's CPU install guide preloads for its best speed, where present: tcmalloc (Debian's
+    libtcmalloc-minimal4, `make bench-deps` installs it when it can) and the Intel OpenMP its wheel ships."""
+    found = [p for p in TCMALLOC if os.path.exists(p)][:1]
+    iomp = Path(venv) / "lib" / "libiomp5.so"
+    return found + ([str(iomp)] if iomp.exists() else [])
+
+
 def run_vllm(model_dir: str, requests: list[BenchRequest], dtype, budgets: Sequence[int] = DEFAULT_BUDGETS,
              venv: str | os.PathLike | None = None, max_num_seqs: int = 256, kv_cache_gb: int = 4,
              timeout_s: float = 1800.0) -> dict:
@@ -125,6 +136,7 @@ def run_vllm(model_dir: str, requests: list[BenchRequest], dtype, budgets: Seque
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))  # GiB of KV cache
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_list())     # the cores we may use, as ours does
     env.pop("PYTHONPATH", None)  # nothing of our venv may leak into vLLM's
+    env.setdefault("LD_PRELOAD", ":".join(vllm_preloads(venv)))
     workdir = Path(tempfile.mkdtemp(prefix="nanoflow-vllm-"))
     per_budget = []
     for b in budgets:
@@ -151,7 +163,7 @@ def run_vllm(model_dir: str, requests: list[BenchRequest], dtype, budgets: Seque
             "output_tokens_per_s", "requests_per_s")
     return {"system": f"vLLM ({_dtype_name(dtype)})", **{k: best[k] for k in keys}, "dtype": _dtype_name(dtype),
             "max_num_batched_tokens": best["max_num_batched_tokens"], "max_num_seqs": max_num_seqs,
-            "vllm_version": best["vllm_version"], "note": f"best B={best['max_num_batched_tokens']}; {note}",
+            "vllm_version": best["vllm_version"], "note": f"best B={best['max_num_batched_tokens']}; {note}; LD_PRELOAD={env.get('LD_PRELOAD') or '-'}",
             "method": "vLLM CPU engine (own venv, subprocess per budget), greedy, ignore_eos, forced output "
                       "lengths, prompts as token ids; timed generate after a warm-up generate",
             "per_budget": per_budget}

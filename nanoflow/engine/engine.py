@@ -72,7 +72,7 @@ class LLMEngine:
         self.model_config = load_config(src)
         self.tokenizer = load_tokenizer(src)
         model = build_model(src, self.model_config, self.dtype, seed=config.seed, device=config.device)
-        if config.packed_gemm and packed_gemm_supported(self.dtype, config.device):
+        if config.packed_gemm and packed_gemm_supported(self.dtype, config.device) and _room_for_packed(model):
             model.prepack_linears(config.dense_batch)
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
@@ -258,6 +258,19 @@ class LLMEngine:
         first = group.children[0]
         return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, outs, finished,
                              sum(c.num_preemptions for c in group.children))
+
+
+def _room_for_packed(model) -> bool:
+    """The packed weights are a second copy: only when it leaves half the machine's memory free (an 8B model
+    in bf16 on a 24 GB machine keeps F.linear)."""
+    import logging
+    import psutil
+    extra = sum(p.numel() * p.element_size() for p in model.parameters())
+    if extra < psutil.virtual_memory().available / 2:
+        return True
+    logging.getLogger(__name__).warning("not packing GEMM weights for oneDNN: a second copy (%.1f GB) would not "
+                                        "leave half the free memory", extra / 2**30)
+    return False
 
 
 def _child_params(params: SamplingParams, i: int) -> SamplingParams:
