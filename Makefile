@@ -46,7 +46,7 @@ bench-deps: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pip install -q llama-cpp-python==0.3.36 matplotlib
 
 bench: bench-deps
-	$(VENV)/bin/nanoflow bench offline --workload const:128/128 --num-requests 128 --compare hf,llama.cpp
+	bash benchmarks/vs_vllm.sh
 
 # The prepared GPU check (a lent H100/H200; docs/benchmarks.md "GPU check"): pytest tests/test_device.py,
 # nanoflow trace and the 8B executor ablation, under 8 minutes, into $$OUT or out/gpu-check/<date>. No
