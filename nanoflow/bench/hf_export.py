@@ -17,9 +17,8 @@ _CHUNK = 1 << 20
 
 def cache_root() -> str:
     """Where converted models live: $NANOFLOW_CACHE_DIR/hf_export, else ~/.cache/nanoflow/hf_export."""
-    from nanoflow.tune.peak import default_cache_path
-    root = os.environ.get("NANOFLOW_CACHE_DIR") or os.path.dirname(default_cache_path())
-    return os.path.join(root, "hf_export")
+    from nanoflow.tune.peak import cache_dir
+    return cache_dir("hf_export")
 
 
 def _file_digest(path: str) -> str:

@@ -26,6 +26,13 @@ def default_cache_path() -> str:
     return os.path.join(root, "nanoflow", "peak.json")
 
 
+def cache_dir(kind: str) -> str:
+    """$NANOFLOW_CACHE_DIR/<kind>, else ~/.cache/nanoflow/<kind> (XDG_CACHE_HOME honoured): profiles, plans,
+    converted models."""
+    root = os.environ.get("NANOFLOW_CACHE_DIR") or os.path.dirname(default_cache_path())
+    return os.path.join(root, kind)
+
+
 def _load(path: str) -> dict:
     try:
         with open(path) as f:

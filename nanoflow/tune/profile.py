@@ -22,7 +22,7 @@ import torch
 from nanoflow.flow.ops import StepState, layer_operations, run_op
 from nanoflow.kernels.attention import AttentionMetadata, PrefillChunk
 from nanoflow.tune.interference import CoRun, rp_tables
-from nanoflow.tune.peak import default_cache_path
+from nanoflow.tune.peak import cache_dir
 
 ROW_KIND = {"decode_attn": "decode", "prefill_attn": "prefill"}  # rows an op works on within a range
 CORUN_PAIRS = [("gate_up", "decode_attn"), ("qkv", "decode_attn")]  # compute x memory (network: TP only)
@@ -88,8 +88,7 @@ def profile_key(cfg, dtype: torch.dtype, device: torch.device, **grid) -> dict:
 def cache_path(kind: str, key: dict) -> str:
     """~/.cache/nanoflow/<kind>/<hash of key>.json (kind: profiles or plans; NANOFLOW_CACHE_DIR moves it)."""
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    root = os.environ.get("NANOFLOW_CACHE_DIR") or os.path.dirname(default_cache_path())
-    path = os.path.join(root, kind, f"{digest}.json")
+    path = os.path.join(cache_dir(kind), f"{digest}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return path
 
