@@ -163,7 +163,8 @@ def run_vllm(model_dir: str, requests: list[BenchRequest], dtype, budgets: Seque
             "output_tokens_per_s", "requests_per_s")
     return {"system": f"vLLM ({_dtype_name(dtype)})", **{k: best[k] for k in keys}, "dtype": _dtype_name(dtype),
             "max_num_batched_tokens": best["max_num_batched_tokens"], "max_num_seqs": max_num_seqs,
-            "vllm_version": best["vllm_version"], "note": f"best B={best['max_num_batched_tokens']}; {note}; LD_PRELOAD={env.get('LD_PRELOAD') or '-'}",
+            "vllm_version": best["vllm_version"],
+            "note": f"best B={best['max_num_batched_tokens']}; {note}; LD_PRELOAD={env.get('LD_PRELOAD') or '-'}",
             "method": "vLLM CPU engine (own venv, subprocess per budget), greedy, ignore_eos, forced output "
                       "lengths, prompts as token ids; timed generate after a warm-up generate",
             "per_budget": per_budget}

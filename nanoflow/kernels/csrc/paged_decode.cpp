@@ -1,6 +1,6 @@
 // Paged decode attention for the CPU: one query token per request against its paged KV.
-// Reads each K and V row exactly once (no gather copy); float32 accumulation; parallel over
-// (request, kv head) with ATen's thread pool so it honours torch.set_num_threads.
+// Reads each K and V row exactly once (no gather copy); float32 accumulation; parallel over requests
+// (or (request, kv head) when there are few) with ATen's thread pool so it honours torch.set_num_threads.
 // bf16 with head_dim 64 or 128 takes an AVX512-BF16 path (dot products with vdpbf16ps, whose bf16
 // products are exact in float32), float32 with head_dim 64 or 128 an AVX2+FMA path; everything else
 // takes the portable loop.
@@ -20,7 +20,7 @@
 
 namespace {
 
-struct DecodeArgs {  // one (request, kv head) work item
+struct DecodeArgs {  // one work item: a request's kv heads [kvh, kvh + the item's head count)
   int64_t len, bs, hkv, kvh, G, D;
   const int64_t* table;
   float scale;
@@ -157,60 +157,14 @@ inline void prefetch_page(const c10::BFloat16* cache, const int64_t* table, int6
     for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
 }
 
-// NV = head_dim / 16 float32 vectors per row (4 for D=64, 8 for D=128); G = query heads per kv head; the item
-// covers kv heads [a.kvh, a.kvh + nkv) of one request (all of them when there are enough requests: each K/V row
-// of a page is then read whole and in order, which streams at DRAM speed; one head's slice of a row does not).
-// Scores: 16 rows of a page at a time per query head (dot products with vdpbf16ps, one reduce16 per 16 rows).
-// Output: per page and kv head, each V row is loaded once for the G query heads, the accumulators in registers.
-template <int NV, int G>
-void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a, int64_t nkv,
-                          float* sc, c10::BFloat16* out, std::vector<float>& accbuf);
-
-template <int NV, int G>
-void decode_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a,
-                 int64_t nkv, c10::BFloat16* out, std::vector<float>& scores, std::vector<float>& accbuf) {
-  constexpr int NB = NV / 2;  // 32-wide bf16 vectors per row
-  const int64_t len = a.len, row_stride = a.hkv * a.D;
-  scores.resize(nkv * G * len);
-  float* sc = scores.data();
-  const __m512 scale = _mm512_set1_ps(a.scale);
-  for (int64_t t0 = 0, blk = 0; t0 < len; t0 += a.bs, ++blk) {
-    prefetch_page(vc, a.table, len, a, blk, nkv);
-    const int64_t n_page = std::min(a.bs, len - t0);
-    for (int64_t h = 0; h < nkv; ++h) {
-      const c10::BFloat16* page = kc + (a.table[blk] * a.bs * a.hkv + a.kvh + h) * a.D;
-      for (int64_t s0 = 0; s0 < n_page; s0 += 16) {
-        const int64_t n = std::min<int64_t>(16, n_page - s0);
-        const c10::BFloat16* k0 = page + s0 * row_stride;
-        const __mmask16 valid = n == 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
-        for (int g = 0; g < G; ++g) {
-          const c10::BFloat16* qg = q + (h * G + g) * NV * 16;
-          __m512bh qv[NB];
-          for (int j = 0; j < NB; ++j) qv[j] = (__m512bh)_mm512_loadu_si512(qg + j * 32);
-          __m512 acc[16];
-          for (int s = 0; s < 16; ++s) {
-            acc[s] = _mm512_setzero_ps();
-            if (s < n)
-              for (int j = 0; j < NB; ++j)
-                acc[s] = _mm512_dpbf16_ps(acc[s], qv[j], (__m512bh)_mm512_loadu_si512(k0 + s * row_stride + j * 32));
-          }
-          _mm512_mask_storeu_ps(sc + (h * G + g) * len + t0 + s0, valid, _mm512_mul_ps(reduce16(acc), scale));
-        }
-      }
-    }
-  }
-  softmax_rows_avx512(sc, nkv * G, len);
-  weighted_values_bf16<NV, G>(kc, vc, a, nkv, sc, out, accbuf);
-}
-
 // out = P V for kv heads [a.kvh, a.kvh + nkv): two V rows at a time, interleaved (vpunpck{l,h}wd) into bf16
 // pairs, each multiplied by the pair (p_t, p_t+1) with vdpbf16ps: half the instructions of converting every V
 // row to float32 and one FMA per row. The probabilities are rounded to bf16 (relative error 2^-9, below the
 // bf16 output's own 2^-8); products and sums stay float32. The accumulators hold d in the interleaved order
 // (lane 4l + j of acc[2m + h] is d = 32m + 8l + 4h + j), undone once at the end.
 template <int NV, int G>
-void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a, int64_t nkv, float* sc,
-                          c10::BFloat16* out, std::vector<float>& accbuf) {
+void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a, int64_t nkv,
+                          float* sc, c10::BFloat16* out, std::vector<float>& accbuf) {
   constexpr int NB = NV / 2;  // 32-wide bf16 vectors per row; 2 * NB interleaved vectors per row pair
   const int64_t len = a.len, row_stride = a.hkv * a.D;
   // Probabilities as bf16, in place over the float32 scores (row r at r * len, 2 bytes each).
@@ -261,6 +215,48 @@ void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, cons
         out[r * NV * 16 + d] = c10::BFloat16(ar[j * 16 + lane]);
       }
   }
+}
+
+// NV = head_dim / 16 float32 vectors per row (4 for D=64, 8 for D=128); G = query heads per kv head; the item
+// covers kv heads [a.kvh, a.kvh + nkv) of one request (all of them when there are enough requests: each K/V row
+// of a page is then read whole and in order, which streams at DRAM speed; one head's slice of a row does not).
+// Scores: 16 rows of a page at a time per query head (dot products with vdpbf16ps, one reduce16 per 16 rows).
+// Output: per page and kv head, each V row is loaded once for the G query heads, the accumulators in registers.
+template <int NV, int G>
+void decode_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a,
+                 int64_t nkv, c10::BFloat16* out, std::vector<float>& scores, std::vector<float>& accbuf) {
+  constexpr int NB = NV / 2;  // 32-wide bf16 vectors per row
+  const int64_t len = a.len, row_stride = a.hkv * a.D;
+  scores.resize(nkv * G * len);
+  float* sc = scores.data();
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  for (int64_t t0 = 0, blk = 0; t0 < len; t0 += a.bs, ++blk) {
+    prefetch_page(vc, a.table, len, a, blk, nkv);
+    const int64_t n_page = std::min(a.bs, len - t0);
+    for (int64_t h = 0; h < nkv; ++h) {
+      const c10::BFloat16* page = kc + (a.table[blk] * a.bs * a.hkv + a.kvh + h) * a.D;
+      for (int64_t s0 = 0; s0 < n_page; s0 += 16) {
+        const int64_t n = std::min<int64_t>(16, n_page - s0);
+        const c10::BFloat16* k0 = page + s0 * row_stride;
+        const __mmask16 valid = n == 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+        for (int g = 0; g < G; ++g) {
+          const c10::BFloat16* qg = q + (h * G + g) * NV * 16;
+          __m512bh qv[NB];
+          for (int j = 0; j < NB; ++j) qv[j] = (__m512bh)_mm512_loadu_si512(qg + j * 32);
+          __m512 acc[16];
+          for (int s = 0; s < 16; ++s) {
+            acc[s] = _mm512_setzero_ps();
+            if (s < n)
+              for (int j = 0; j < NB; ++j)
+                acc[s] = _mm512_dpbf16_ps(acc[s], qv[j], (__m512bh)_mm512_loadu_si512(k0 + s * row_stride + j * 32));
+          }
+          _mm512_mask_storeu_ps(sc + (h * G + g) * len + t0 + s0, valid, _mm512_mul_ps(reduce16(acc), scale));
+        }
+      }
+    }
+  }
+  softmax_rows_avx512(sc, nkv * G, len);
+  weighted_values_bf16<NV, G>(kc, vc, a, nkv, sc, out, accbuf);
 }
 
 template <int NV>
