@@ -77,6 +77,9 @@ class EngineConfig:
     host_kv_cache_gb: float = 0.0  # host-memory KV tier for finished requests' blocks (0: off)
     disk_kv_cache_gb: float = 0.0  # on-disk KV tier behind the host tier (0: off)
     kv_cache_dir: str | None = None  # directory of the disk tier (default ~/.cache/nanoflow/kv)
+    # Offline jobs (nanoflow/batch): N engine processes, each on its own cores/device (engine/data_parallel.py)
+    data_parallel_size: int = 1
+    prefix_grouping: bool = True  # offline jobs admit requests sharing a prompt prefix together (batch/grouping.py)
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
@@ -96,6 +99,8 @@ class EngineConfig:
         for name in ("host_kv_cache_gb", "disk_kv_cache_gb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be at least 1, got {self.data_parallel_size}")
         if (self.host_kv_cache_gb or self.disk_kv_cache_gb) and not self.prefix_caching:
             raise ValueError("the host/disk KV tiers are keyed by prefix-cache hashes: they need prefix caching")
 
@@ -143,6 +148,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disk-kv-cache-gb", type=float, default=d.disk_kv_cache_gb,
                    help="on-disk KV tier behind the host tier (0: off); survives restarts")
     g.add_argument("--kv-cache-dir", default=None, help="directory of the disk KV tier (~/.cache/nanoflow/kv)")
+    g.add_argument("--data-parallel-size", type=int, default=d.data_parallel_size,
+                   help="engine replicas, each in its own process on its own cores (CPU) or GPU")
+    g.add_argument("--no-prefix-grouping", dest="prefix_grouping", action="store_false",
+                   help="offline jobs: admit in input order instead of grouping requests that share a prefix")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
