@@ -57,17 +57,24 @@ class OpenAIServing:
 
     # ---- entry points ----
     async def completions(self, req: CompletionRequest, raw: Request):
+        return await self._run(self.prepare_completion(req), raw)
+
+    async def chat(self, req: ChatCompletionRequest, raw: Request):
+        return await self._run(self.prepare_chat(req), raw)
+
+    # ---- preparation and validation (also run-batch's: nanoflow/batch/run_batch.py) ----
+    def prepare_completion(self, req: CompletionRequest) -> Job:
+        """Validate against the model and encode; raises APIError."""
         self._check_model(req.model)
         if req.echo and req.logprobs is not None:
             raise APIError("echo together with logprobs is not supported (no prompt logprobs)", "echo")
         prompts = [self._encode(p) for p in req.prompts]
         params = [self._params(req, ids, "prompt", req.logprobs, COMPLETION_DEFAULT_MAX_TOKENS)
                   for _, ids in prompts]
-        job = Job("completion", new_id("cmpl"), req.model or self.names[0], prompts, params, req.stream,
-                  req.include_usage, req.echo)
-        return await self._run(job, raw)
+        return Job("completion", new_id("cmpl"), req.model or self.names[0], prompts, params, req.stream,
+                   req.include_usage, req.echo)
 
-    async def chat(self, req: ChatCompletionRequest, raw: Request):
+    def prepare_chat(self, req: ChatCompletionRequest) -> Job:
         self._check_model(req.model)
         if self.tokenizer is None:
             raise APIError("this model has no tokenizer or chat template; use /v1/completions with token ids",
@@ -79,11 +86,9 @@ class OpenAIServing:
         except Exception as e:  # jinja errors (e.g. roles the template refuses) are the caller's input
             raise APIError(f"the chat template rejected the messages: {e}", "messages") from None
         params = [self._params(req, ids, "messages", req.num_logprobs, None)]
-        job = Job("chat", new_id("chatcmpl"), req.model or self.names[0], [(None, ids)], params, req.stream,
-                  req.include_usage)
-        return await self._run(job, raw)
+        return Job("chat", new_id("chatcmpl"), req.model or self.names[0], [(None, ids)], params, req.stream,
+                   req.include_usage)
 
-    # ---- preparation and validation ----
     def _check_model(self, model: str | None) -> None:
         if model is not None and model not in self.names:
             raise APIError(f"The model `{model}` does not exist. Available: {', '.join(self.names)}", "model",
@@ -145,7 +150,7 @@ class OpenAIServing:
                 h.abort()
         if finals is None:  # the client left; its requests were aborted above
             return JSONResponse(error_body("client disconnected", "ClientClosedRequest", None, 499), 499)
-        return JSONResponse(self._full_response(job, finals))
+        return JSONResponse(self.full_response(job, finals))
 
     async def _collect(self, handles: list[RequestHandle]) -> list[RequestOutput]:
         last: list[RequestOutput | None] = [None] * len(handles)
@@ -153,7 +158,7 @@ class OpenAIServing:
             last[i] = out
         return last
 
-    def _full_response(self, job: Job, finals: list[RequestOutput]) -> dict:
+    def full_response(self, job: Job, finals: list[RequestOutput]) -> dict:
         choices = []
         for i, (out, (text, ids)) in enumerate(zip(finals, job.prompts)):
             for o in out.outputs:
