@@ -21,12 +21,18 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: chosen token plus top-k
+    # vLLM's prompt_logprobs: None off; k: each prompt token's logprob plus the top-k (the first token's is None).
+    # A request asking for them skips the prefix cache (a cached prefix has no logits to read).
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # vLLM's RequestOutputKind: "cumulative" (an output every step, e.g. for streaming) or "final_only" (only the
     # finished request: what LLM.generate asks for, so a step's cost does not grow with the outputs' length)
     output_kind: str = "cumulative"
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
+    # EOS ids, set by the engine (vLLM's _all_stop_token_ids): banned with stop_token_ids until min_tokens
+    _eos_ids: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -40,6 +46,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def needs_logits_processing(self) -> bool:
+        """logit_bias or a min_tokens ban change the logits before sampling (logits_process.py)."""
+        return bool(self.logit_bias) or self.min_tokens > 0
 
     @property
     def needs_penalties(self) -> bool:
@@ -59,6 +70,10 @@ class SamplingParams:
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1"),
             (self.min_tokens >= 0, "min_tokens", "must be non-negative"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
+             "must be in [0, 20]"),
+            (all(-100.0 <= v <= 100.0 for v in (self.logit_bias or {}).values()), "logit_bias",
+             "values must be in [-100, 100]"),
             (all(isinstance(s, str) and s for s in self._stop), "stop", "must be non-empty strings"),
             (self.output_kind in ("cumulative", "final_only"), "output_kind", "must be cumulative or final_only"),
         ]

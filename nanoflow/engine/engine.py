@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoflow.config import EngineConfig
+from nanoflow.engine import logits_process
 from nanoflow.engine.async_exec import DeviceClock, DeviceWorker, InFlightStep, run_timed
 from nanoflow.engine.kv_tiers import kv_cache_salt, make_kv_tiers
 from nanoflow.engine.request import Request
@@ -109,9 +110,11 @@ class LLMEngine:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
         if params.max_tokens is None:
             params.max_tokens = max(1, self.max_model_len - len(prompt_token_ids))
+        logits_process.check_vocab(params, self.model_config.vocab_size)
         children = []
         for i in range(params.n):
             p = params if params.n == 1 else _child_params(params, i)
+            p._eos_ids = sorted(self.eos_token_ids)  # banned until min_tokens (sampler)
             children.append(Request(list(prompt_token_ids), p, request_id=f"{request_id}#{i}"))
         for c in children:
             self.scheduler.check_fits(c)
@@ -276,4 +279,5 @@ def _room_for_packed(model) -> bool:
 def _child_params(params: SamplingParams, i: int) -> SamplingParams:
     import dataclasses
     seed = None if params.seed is None else params.seed + i
-    return dataclasses.replace(params, n=1, seed=seed)
+    # The prompt's logprobs are the same for every sample: only the first child computes them.
+    return dataclasses.replace(params, n=1, seed=seed, prompt_logprobs=params.prompt_logprobs if i == 0 else None)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoflow.engine import logits_process
 from nanoflow.engine.request import Request
 from nanoflow.engine.transfer import host_to_device
 from nanoflow.kernels import cpu_ext
@@ -21,12 +22,14 @@ class SampleRow:
     history: list[int] | None = None  # prompt + known output ids (only when penalties are on)
     num_prompt: int = 0
     pending_row: int = -1  # input row whose token (sampled by the previous step) is not known yet; -1: none
+    num_output: int = 0  # output tokens before the one sampled now (in-flight ones included): min_tokens
 
     @classmethod
     def of(cls, req: Request, pending_row: int = -1) -> "SampleRow":
         p = req.params
         hist = req.all_token_ids if p.needs_penalties else None
-        return cls(req.request_id, p, hist, req.num_prompt_tokens, pending_row)
+        return cls(req.request_id, p, hist, req.num_prompt_tokens, pending_row,
+                   len(req.output_token_ids) + req.num_output_placeholders)
 
 
 @dataclass
@@ -68,11 +71,13 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow], input_ids: torch.Tensor) -> SampleResult:
         """`input_ids` (the step's resolved input tokens) supplies the newest token of a row whose history
         ends in a token the engine has not read back yet (async scheduling)."""
-        if all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties for r in rows):
+        if all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties
+               and not r.params.needs_logits_processing for r in rows):
             return SampleResult(_argmax(logits), [None] * len(rows))  # the throughput-job path
         logits = logits.float()
         want_lp = [r.params.logprobs is not None for r in rows]
-        raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+        raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None  # vLLM: before any processing
+        logits_process.apply(logits, rows)  # logit_bias, min_tokens ban
         greedy = [r.params.greedy for r in rows]
         tokens = logits.argmax(dim=-1)
         if not all(greedy) or any(r.params.needs_penalties for r in rows):

@@ -48,12 +48,19 @@ def build_app(engine: LLMEngine, served_model_names: list[str] | None = None, ma
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         return await serving.chat(req, raw)
 
+    def card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "nanoflow",
+                "max_model_len": engine.max_model_len, "vocab_size": engine.model_config.vocab_size,
+                "root": engine.config.model}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [
-            {"id": n, "object": "model", "created": created, "owned_by": "nanoflow",
-             "max_model_len": engine.max_model_len, "vocab_size": engine.model_config.vocab_size,
-             "root": engine.config.model} for n in names]}
+        return {"object": "list", "data": [card(n) for n in names]}
+
+    @app.get("/v1/models/{model:path}")  # :path: names may hold slashes (org/model)
+    async def model(model: str):
+        serving._check_model(model)
+        return card(model)
 
     @app.get("/health")
     async def health():
@@ -90,7 +97,9 @@ def _install_error_handlers(app: FastAPI, async_engine: AsyncEngine) -> None:
 
     @app.exception_handler(QueueFull)
     async def queue_full(_, e: QueueFull):
-        return answer(str(e), None, 429, "RateLimitError")
+        response = answer(str(e), None, 429, "RateLimitError")
+        response.headers["Retry-After"] = "1"  # the queue drains as requests finish: a short wait is enough
+        return response
 
     @app.exception_handler(EngineDead)
     async def engine_dead(_, e: EngineDead):

@@ -35,8 +35,26 @@ def error_body(message: str, type: str, param: str | None, code: int) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+# vLLM / OpenAI request fields this server does not implement, with the values that ask for nothing (the
+# defaults): any other value is refused with a 400 naming the field rather than silently ignored. A field a
+# request model declares is never refused here.
+DECLINED_FIELDS: dict[str, tuple] = {
+    "use_beam_search": (False,), "length_penalty": (1.0,), "early_stopping": (False,), "best_of": (1,),
+    "return_token_ids": (False,), "return_tokens_as_token_ids": (False,), "prompt_logprobs": (),
+    "allowed_token_ids": (), "bad_words": ([],), "truncate_prompt_tokens": (), "logits_processors": (),
+    "priority": (0,), "spaces_between_special_tokens": (True,), "kv_transfer_params": (), "vllm_xargs": (),
+    "mm_processor_kwargs": (), "tool_choice": ("none",), "parallel_tool_calls": (), "functions": (),
+    "function_call": ("none",), "echo": (False,), "continue_final_message": (False,),
+    "add_generation_prompt": (True,), "chat_template": (), "chat_template_kwargs": ({},), "documents": (),
+    "audio": (), "modalities": (["text"],), "prediction": (), "suffix": ("",),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+    "guided_decoding_backend": (), "guided_whitespace_pattern": (),
+}
+
+
 class _Strict(BaseModel):
-    # Unknown fields are accepted and ignored, like vLLM (clients send extras such as `logit_bias: null`).
+    # Unknown fields are accepted and ignored, like vLLM (clients send extras such as `user: null`), except the
+    # DECLINED_FIELDS set to something that asks for behaviour.
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
@@ -67,10 +85,19 @@ class _SamplingFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(None, max_length=1024)
     # OpenAI fields we do not implement: accepted only when unset, so nothing is silently ignored.
-    logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_declined(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, harmless in DECLINED_FIELDS.items():
+                if name in data and name not in cls.model_fields and data[name] not in (None, *harmless):
+                    raise ValueError(f"{name} is not supported by this server (param: {name})")
+        return data
 
     @model_validator(mode="after")
     def _check_common(self):
@@ -81,9 +108,8 @@ class _SamplingFields(_Strict):
             raise ValueError("stop must be at most 16 non-empty strings (param: stop)")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError("min_tokens must not exceed max_tokens (param: min_tokens)")
-        for name in ("logit_bias", "tools"):
-            if getattr(self, name):
-                raise ValueError(f"{name} is not supported by this server (param: {name})")
+        if self.tools:
+            raise ValueError("tools is not supported by this server (param: tools)")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise ValueError("only response_format type 'text' is supported (param: response_format)")
         return self
@@ -91,6 +117,11 @@ class _SamplingFields(_Strict):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage on every chunk (vLLM: only together with include_usage)."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
 
 class CompletionRequest(_SamplingFields):

@@ -13,6 +13,7 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from nanoflow.engine import logits_process
 from nanoflow.engine.block_manager import blocks_needed
 from nanoflow.outputs import CompletionOutput, RequestOutput
 from nanoflow.sampling_params import SamplingParams
@@ -37,6 +38,7 @@ class Job:
     stream: bool
     include_usage: bool
     echo: bool = False
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats
 
     @property
     def n(self) -> int:
@@ -66,13 +68,11 @@ class OpenAIServing:
     def prepare_completion(self, req: CompletionRequest) -> Job:
         """Validate against the model and encode; raises APIError."""
         self._check_model(req.model)
-        if req.echo and req.logprobs is not None:
-            raise APIError("echo together with logprobs is not supported (no prompt logprobs)", "echo")
         prompts = [self._encode(p) for p in req.prompts]
         params = [self._params(req, ids, "prompt", req.logprobs, COMPLETION_DEFAULT_MAX_TOKENS)
                   for _, ids in prompts]
         return Job("completion", new_id("cmpl"), req.model or self.names[0], prompts, params, req.stream,
-                   req.include_usage, req.echo)
+                   req.include_usage, req.echo, req.continuous_usage)
 
     def prepare_chat(self, req: ChatCompletionRequest) -> Job:
         self._check_model(req.model)
@@ -87,7 +87,7 @@ class OpenAIServing:
             raise APIError(f"the chat template rejected the messages: {e}", "messages") from None
         params = [self._params(req, ids, "messages", req.num_logprobs, None)]
         return Job("chat", new_id("chatcmpl"), req.model or self.names[0], [(None, ids)], params, req.stream,
-                   req.include_usage)
+                   req.include_usage, continuous_usage=req.continuous_usage)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model not in self.names:
@@ -124,7 +124,7 @@ class OpenAIServing:
             raise APIError(f"the request needs {n_in + max_tokens} tokens of KV cache but the pool holds only "
                            f"{self.num_blocks * self.block_size}", "max_tokens")
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 n=req.n, temperature=_or(req.temperature, 1.0), top_p=_or(req.top_p, 1.0),
                 top_k=_or(req.top_k, -1), min_p=_or(req.min_p, 0.0),
                 repetition_penalty=_or(req.repetition_penalty, 1.0),
@@ -132,9 +132,12 @@ class OpenAIServing:
                 seed=req.seed, max_tokens=max_tokens, min_tokens=min(req.min_tokens, max_tokens),
                 stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
                 skip_special_tokens=req.skip_special_tokens,
-                include_stop_str_in_output=req.include_stop_str_in_output)
+                include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=_logit_bias(req.logit_bias),
+                prompt_logprobs=logprobs if getattr(req, "echo", False) else None)
+            logits_process.check_vocab(params, self.vocab_size)
         except ValueError as e:
             raise APIError(str(e), str(e).split(" ", 1)[0]) from None
+        return params
 
     # ---- running ----
     async def _run(self, job: Job, raw: Request):
@@ -218,6 +221,16 @@ class _AbortingStream(StreamingResponse):
         finally:
             for h in self._handles:
                 h.abort()
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI sends token ids as JSON object keys (strings)."""
+    if not bias:
+        return None
+    try:
+        return {int(k): v for k, v in bias.items()}
+    except ValueError:
+        raise ValueError("logit_bias keys must be token ids (integers as strings)") from None
 
 
 def _or(value, default):

@@ -30,8 +30,9 @@ class StreamState:
             for j in range(self.job.n):
                 idx = p * self.job.n + j
                 if self.job.kind == "chat":
-                    out.append(self._chunk([{"index": idx, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]))
+                    out.append(self._usage(p, idx, self._chunk([{
+                        "index": idx, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None}])))
                 elif self.job.echo:
                     prefix = self.s._prompt_text(text, ids)
                     self.text_offset[idx] = len(prefix)
@@ -53,8 +54,15 @@ class StreamState:
                 continue  # one chunk per step with new tokens, even if their text is still held back
             self.sent_text[idx], self.sent_tokens[idx] = end, len(o.token_ids)
             self.done[idx] = finished
-            chunks.append(self._chunk([self._choice(idx, delta, new_lp if o.logprobs is not None else None, o)]))
+            chunks.append(self._usage(p, idx, self._chunk([
+                self._choice(idx, delta, new_lp if o.logprobs is not None else None, o)])))
         return chunks
+
+    def _usage(self, p: int, idx: int, chunk: dict) -> dict:
+        """stream_options.continuous_usage_stats: this choice's usage so far on each of its chunks (vLLM)."""
+        if self.job.continuous_usage:
+            chunk["usage"] = usage(len(self.job.prompts[p][1]), self.sent_tokens[idx])
+        return chunk
 
     def _choice(self, idx: int, delta: str, lps: list | None, o) -> dict:
         finish = finish_reason(o)
