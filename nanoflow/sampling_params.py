@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from nanoflow.engine.structured_output import StructuredOutputsParams
+
 
 @dataclass
 class SamplingParams:
@@ -30,13 +32,18 @@ class SamplingParams:
     # vLLM's RequestOutputKind: "cumulative" (an output every step, e.g. for streaming) or "final_only" (only the
     # finished request: what LLM.generate asks for, so a step's cost does not grow with the outputs' length)
     output_kind: str = "cumulative"
+    # vLLM's structured outputs (JSON schema / json_object / regex / choice / EBNF grammar), via xgrammar
+    structured_outputs: StructuredOutputsParams | None = None
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
+    _grammar: object = field(default=None, init=False, repr=False)  # compiled by the engine (xgrammar)
     # EOS ids, set by the engine (vLLM's _all_stop_token_ids): banned with stop_token_ids until min_tokens
     _eos_ids: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self.validate()
 
     @property

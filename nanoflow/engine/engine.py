@@ -17,6 +17,7 @@ from nanoflow.engine.kv_tiers import kv_cache_salt, make_kv_tiers
 from nanoflow.engine.request import Request
 from nanoflow.engine.runner import ModelRunner, kv_cache_blocks
 from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
+from nanoflow.engine.structured_output import GrammarCompilerCache
 from nanoflow.kernels import cpu_ext
 from nanoflow.models.layers import packed_gemm_supported
 from nanoflow.models.loader import build_model, load_config, parse_dtype, resolve_model
@@ -90,6 +91,7 @@ class LLMEngine:
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.grammars = GrammarCompilerCache(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
         self.groups: dict[str, RequestGroup] = {}
         self._owner: dict[str, RequestGroup] = {}
         self.stats = StepStats()
@@ -111,9 +113,11 @@ class LLMEngine:
         if params.max_tokens is None:
             params.max_tokens = max(1, self.max_model_len - len(prompt_token_ids))
         logits_process.check_vocab(params, self.model_config.vocab_size)
+        grammar = self.grammars.compile(params.structured_outputs)  # cached; ValueError if it does not compile
         children = []
         for i in range(params.n):
             p = params if params.n == 1 else _child_params(params, i)
+            p._grammar = grammar
             p._eos_ids = sorted(self.eos_token_ids)  # banned until min_tokens (sampler)
             children.append(Request(list(prompt_token_ids), p, request_id=f"{request_id}#{i}"))
         for c in children:
@@ -191,6 +195,8 @@ class LLMEngine:
             if req.is_finished:  # EOS/stop/abort seen after this step launched: its extra token is discarded
                 continue
             self._append_token(req, token_ids[i], result.logprobs[i])
+            if result.grammar_done is not None and result.grammar_done[i] and not req.is_finished:
+                self._finish(req, "stop", None)  # the grammar is complete (its EOS ignored or banned)
             self.stats.generated_tokens += 1
         for req in flight.release_after:  # the step that still wrote their KV has completed
             self.scheduler.release_kv(req)

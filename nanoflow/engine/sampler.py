@@ -8,6 +8,7 @@ import torch
 
 from nanoflow.engine import logits_process
 from nanoflow.engine.request import Request
+from nanoflow.engine.structured_output import GrammarMatchers
 from nanoflow.engine.transfer import host_to_device
 from nanoflow.kernels import cpu_ext
 from nanoflow.sampling_params import SamplingParams
@@ -39,6 +40,7 @@ class SampleResult:
     host_tokens: torch.Tensor | None = None  # pinned copy in flight (CUDA), ready once `ready` fires
     ready: object = None  # a CUDA event, or None
     _ids: list[int] | None = None
+    grammar_done: list[bool] | None = None  # per row: its grammar terminated with this token (structured output)
 
     @property
     def token_ids(self) -> list[int]:
@@ -56,6 +58,7 @@ class Sampler:
         self.device = torch.device(device)
         self._generators: dict[str, torch.Generator] = {}
         self._shared = torch.Generator(self.device).manual_seed(seed)
+        self._grammars = GrammarMatchers()  # advanced here, on the device side, so async steps see their masks
 
     def generator(self, row: SampleRow) -> torch.Generator:
         if row.params.seed is None:
@@ -67,14 +70,18 @@ class Sampler:
 
     def release(self, req: Request) -> None:
         self._generators.pop(req.request_id, None)
+        self._grammars.release(req.request_id)
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow], input_ids: torch.Tensor) -> SampleResult:
         """`input_ids` (the step's resolved input tokens) supplies the newest token of a row whose history
         ends in a token the engine has not read back yet (async scheduling)."""
-        if all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties
-               and not r.params.needs_logits_processing for r in rows):
+        constrained = [i for i, r in enumerate(rows) if r.params._grammar is not None]
+        if not constrained and all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties
+                                   and not r.params.needs_logits_processing for r in rows):
             return SampleResult(_argmax(logits), [None] * len(rows))  # the throughput-job path
         logits = logits.float()
+        if constrained:  # first: logprobs and sampling see only what the grammar allows
+            self._grammars.apply(logits, rows, constrained)
         want_lp = [r.params.logprobs is not None for r in rows]
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None  # vLLM: before any processing
         logits_process.apply(logits, rows)  # logit_bias, min_tokens ban
@@ -92,7 +99,9 @@ class Sampler:
             token_list = tokens.tolist()
             lps = [self._logprobs(raw_lp[i], token_list[i], rows[i].params.logprobs) if want_lp[i] else None
                    for i in range(len(rows))]
-        return SampleResult(tokens, lps)
+        # Advanced in this step (a host read of the tokens), so the next step's masks are ready.
+        done = self._grammars.accept(rows, constrained, tokens.tolist()) if constrained else None
+        return SampleResult(tokens, lps, grammar_done=done)
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, rows: list[SampleRow], input_ids: torch.Tensor) -> None:
