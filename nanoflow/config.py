@@ -77,6 +77,13 @@ class EngineConfig:
     host_kv_cache_gb: float = 0.0  # host-memory KV tier for finished requests' blocks (0: off)
     disk_kv_cache_gb: float = 0.0  # on-disk KV tier behind the host tier (0: off)
     kv_cache_dir: str | None = None  # directory of the disk tier (default ~/.cache/nanoflow/kv)
+    # Tensor parallelism (distributed/): ranks split each layer; rank 0 lives in the engine process and samples.
+    tensor_parallel_size: int = 1
+    nnodes: int = 1  # machines the ranks span (each runs its share of ranks; node 0 runs the engine)
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"  # rendezvous of the ranks (node 0's address when nnodes > 1)
+    master_port: int = 0  # 0: a free port (one node only)
+    distributed_timeout_s: float = 60.0  # a collective that cannot finish by then fails the step (dead/hung rank)
     # Offline jobs (nanoflow/batch): N engine processes, each on its own cores/device (engine/data_parallel.py)
     data_parallel_size: int = 1
     prefix_grouping: bool = True  # offline jobs admit requests sharing a prompt prefix together (batch/grouping.py)
@@ -99,6 +106,13 @@ class EngineConfig:
         for name in ("host_kv_cache_gb", "disk_kv_cache_gb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size % self.nnodes or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} must be a multiple of nnodes "
+                             f"{self.nnodes}, and node_rank in [0, nnodes)")
+        if self.tensor_parallel_size > 1 and (self.host_kv_cache_gb or self.disk_kv_cache_gb):
+            raise ValueError("the host/disk KV tiers hold one device's KV: not with tensor_parallel_size > 1")
         if self.data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be at least 1, got {self.data_parallel_size}")
         if (self.host_kv_cache_gb or self.disk_kv_cache_gb) and not self.prefix_caching:
@@ -148,6 +162,16 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disk-kv-cache-gb", type=float, default=d.disk_kv_cache_gb,
                    help="on-disk KV tier behind the host tier (0: off); survives restarts")
     g.add_argument("--kv-cache-dir", default=None, help="directory of the disk KV tier (~/.cache/nanoflow/kv)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
+                   help="split every layer over N ranks (processes pinned to their own cores on a CPU, one GPU "
+                        "each on CUDA; gloo / NCCL). bench offline: a comma list")
+    g.add_argument("--nnodes", type=int, default=d.nnodes, help="machines the tensor-parallel ranks span")
+    g.add_argument("--node-rank", type=int, default=d.node_rank, help="this machine's index (0 runs the engine)")
+    g.add_argument("--master-addr", default=d.master_addr, help="rendezvous address of the ranks (node 0)")
+    g.add_argument("--master-port", type=int, default=d.master_port, help="rendezvous port (0: pick a free one)")
+    g.add_argument("--distributed-timeout", dest="distributed_timeout_s", type=float,
+                   default=d.distributed_timeout_s,
+                   help="seconds a collective may wait for a rank before the step fails (a dead or hung worker)")
     g.add_argument("--data-parallel-size", type=int, default=d.data_parallel_size,
                    help="engine replicas, each in its own process on its own cores (CPU) or GPU")
     g.add_argument("--no-prefix-grouping", dest="prefix_grouping", action="store_false",

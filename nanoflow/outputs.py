@@ -26,3 +26,6 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_preemptions: int = 0
+    # SamplingParams.prompt_logprobs: per prompt token, None for the first, then an entry shaped like
+    # CompletionOutput.logprobs' ({"token_id", "logprob", "top"}); None when not asked for
+    prompt_logprobs: list[dict | None] | None = None

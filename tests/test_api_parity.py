@@ -18,12 +18,14 @@ CHAT = [{"role": "user", "content": "Say hello."}]
 def server():
     llm = LLM("default", dtype="float32", max_model_len=512, max_num_seqs=8, dense_batch=32)
     ref = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    echo_ref = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=2, logprobs=2),
+                            use_tqdm=False)[0]
     chat = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)[0].outputs[0]
     assert chat.finish_reason == "stop", "the reference chat must end on EOS for the min_tokens test"
     app = build_app(llm.engine, ["default"])
     with ServerThread(app) as url:
         yield {"url": url, "ref": ref.outputs[0], "prompt_ids": ref.prompt_token_ids, "chat": chat,
-               "decode": llm.tokenizer.decode}
+               "decode": llm.tokenizer.decode, "echo_ref": echo_ref}
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +145,43 @@ def test_declined_fields_at_their_defaults_are_fine(server):
     r = post(server, "chat/completions", {"messages": CHAT, "max_tokens": 1, "echo": False,
                                           "add_generation_prompt": True})
     assert r.status_code == 200, r.text
+
+
+# ---- echo + logprobs: prompt logprobs (item 1) ----
+def _check_echo(server, lp, text: str) -> None:
+    ref = server["echo_ref"]
+    ids, out = ref.prompt_token_ids, ref.outputs[0]
+    assert text == PROMPT + out.text
+    assert lp.tokens == [server["decode"]([t]) for t in ids + out.token_ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    want = [e["logprob"] for e in ref.prompt_logprobs[1:]] + [e["logprob"] for e in out.logprobs]
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    assert all(len(t) >= 2 for t in lp.top_logprobs[1:])
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+
+def test_echo_logprobs_prompt_forms_and_n(server, client):
+    ids = server["echo_ref"].prompt_token_ids
+    for prompt in (PROMPT, ids, [PROMPT, PROMPT], [ids]):
+        r = client.completions.create(model="default", prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                      logprobs=2, n=2)
+        assert len(r.choices) == (4 if prompt == [PROMPT, PROMPT] else 2)
+        for c in r.choices:
+            _check_echo(server, c.logprobs, c.text)
+        assert r.usage.prompt_tokens * 2 == len(ids) * len(r.choices) and r.usage.completion_tokens == 4 * len(r.choices)
+
+
+def test_echo_logprobs_streamed(server, client):
+    chunks = list(client.completions.create(model="default", prompt=PROMPT, max_tokens=4, temperature=0, echo=True,
+                                            logprobs=2, stream=True))
+    text, tokens, lps, tops, offsets = "", [], [], [], []
+    for ch in chunks:
+        for c in ch.choices:
+            text += c.text
+            if c.logprobs:
+                tokens += c.logprobs.tokens
+                lps += c.logprobs.token_logprobs
+                tops += c.logprobs.top_logprobs
+                offsets += c.logprobs.text_offset
+    lp = type("LP", (), {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+    _check_echo(server, lp, text)

@@ -114,7 +114,7 @@ def test_random_valid_splits_match_the_plain_forward(model, step, reference, dat
 def test_program_dependencies_point_backwards():
     from nanoflow.flow.plan import overlap_plan
     from tests.flow_helpers import TINY
-    prog = compile_program(overlap_plan(TINY, 64), TINY.num_layers)
+    prog = compile_program(overlap_plan(64), TINY.num_layers)
     assert [len(t) for t in prog.tasks] == [16 * TINY.num_layers, 2 * TINY.num_layers]
     mem = prog.tasks[1]
     # decode_attn#0 of layer 1 waits for rope_append#0 of layer 1 on the compute unit (position 16 + 2)
@@ -135,7 +135,7 @@ def test_overlap_without_cross_layer_overlap(model, step, reference):
     """cross_layer=false puts a barrier after every layer: same result, and no nano-op of layer l+1 starts
     before every nano-op of layer l has ended."""
     from nanoflow.flow.plan import overlap_plan
-    plan = overlap_plan(model.cfg, len(step[0]), split=6)
+    plan = overlap_plan(len(step[0]), split=6)
     plan.cross_layer = False
     ex = make_executor("overlap", plan, model)
     ex.trace = []

@@ -5,12 +5,11 @@ import pytest
 
 from nanoflow.flow.plan import Plan, PlanError, Unit, issue_order, nanobatch_plan, overlap_plan, sequential_plan, \
     validate
-from tests.flow_helpers import TINY
 
 
 @pytest.fixture
 def good() -> Plan:
-    return overlap_plan(TINY, 256)
+    return overlap_plan(256)
 
 
 def _broken(plan: Plan, **changes) -> Plan:
@@ -28,10 +27,15 @@ def _rule(plan: Plan, rule: str, *words: str) -> None:
         assert w in str(e.value)
 
 
+@pytest.mark.parametrize("tp_size", [1, 2])
 @pytest.mark.parametrize("make", [sequential_plan, overlap_plan, nanobatch_plan])
-def test_builtin_plans_are_valid_and_round_trip(make, tmp_path):
-    plan = make(TINY, 256)
+def test_builtin_plans_are_valid_and_round_trip(make, tp_size, tmp_path):
+    plan = make(256, tp_size=tp_size)
     validate(plan)
+    network = [u.name for u in plan.units if "network" in u.kinds]
+    assert bool(network) == (tp_size > 1 or make is not overlap_plan)  # all-reduces get their own unit
+    if tp_size > 1:
+        assert "attn_all_reduce" in plan.nano_batches and "mlp_all_reduce" in plan.nano_batches
     plan.save(tmp_path / "p.json")
     again = Plan.load(tmp_path / "p.json")
     assert again == plan

@@ -151,7 +151,7 @@ def test_plan_auto_tunes_once_and_keeps_greedy_tokens(tmp_path, monkeypatch):
 def test_choose_keeps_sequential_unless_the_gain_is_clear():
     from nanoflow.flow.plan import sequential_plan
     from nanoflow.tune.search import Candidate, choose
-    plan = sequential_plan(None, 64)
+    plan = sequential_plan(64)
 
     def cands(seq, other):
         return [Candidate("sequential", "sequential", plan, 1.0, seq), Candidate("milp-2", "overlap", plan, 1.0, other)]

@@ -71,7 +71,7 @@ def test_graph_cache_captures_on_second_sight_and_evicts_lru():
 def test_issue_sequence_respects_orders_and_dependencies():
     from nanoflow.flow.executor import compile_program
     from nanoflow.flow.plan import overlap_plan
-    prog = compile_program(overlap_plan(None, 64), num_layers=2)
+    prog = compile_program(overlap_plan(64), num_layers=2)
     seq = cu.issue_sequence(prog)
     pos = {t: i for i, t in enumerate(seq)}
     assert len(seq) == sum(len(ts) for ts in prog.tasks)
@@ -94,9 +94,9 @@ def test_cuda_units_fail_clearly_without_a_gpu():
 def test_plan_fingerprint_keys_graphs_by_plan_content():
     from nanoflow.flow.cuda_graphs import plan_fingerprint
     from nanoflow.flow.plan import overlap_plan, sequential_plan
-    assert plan_fingerprint(overlap_plan(None, 64)) == plan_fingerprint(overlap_plan(None, 64))
-    assert plan_fingerprint(overlap_plan(None, 64)) != plan_fingerprint(overlap_plan(None, 64, split=16))
-    assert plan_fingerprint(overlap_plan(None, 64)) != plan_fingerprint(sequential_plan(None, 64))
+    assert plan_fingerprint(overlap_plan(64)) == plan_fingerprint(overlap_plan(64))
+    assert plan_fingerprint(overlap_plan(64)) != plan_fingerprint(overlap_plan(64, split=16))
+    assert plan_fingerprint(overlap_plan(64)) != plan_fingerprint(sequential_plan(64))
 
 
 @torch.inference_mode()
@@ -136,7 +136,7 @@ def test_graphed_step_runs_eagerly_while_tracing(monkeypatch):
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
 
     class Exec:
-        plan, trace, trace_steps, calls = sequential_plan(None, 8), None, [], 0
+        plan, trace, trace_steps, calls = sequential_plan(8), None, [], 0
 
         def __call__(self, ids, pos, meta, kv):
             self.calls += 1

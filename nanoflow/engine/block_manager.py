@@ -130,7 +130,10 @@ class BlockManager:
         return hashes[:num_blocks]
 
     def max_reusable_blocks(self, req: Request) -> int:
-        """Never the whole sequence: at least one token is computed so there are logits to sample."""
+        """Never the whole sequence: at least one token is computed so there are logits to sample. None for a
+        request that wants prompt logprobs: a cached block has no logits (prompt_logprobs.py)."""
+        if req.params.prompt_logprobs is not None:
+            return 0
         return (req.num_tokens - 1) // self.block_size
 
     def match_prefix(self, req: Request) -> list[int]:

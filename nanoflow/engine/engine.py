@@ -185,6 +185,8 @@ class LLMEngine:
                 self._retire(req)
             raise
         token_ids = result.token_ids if result is not None else []  # (GPU: waits for the pinned copy)
+        if flight.inputs.prompt_lp is not None:  # before the tokens: a request may finish on this step
+            flight.inputs.prompt_lp.deliver()
         t1 = time.perf_counter()
         self.stats.wait_s += t1 - t0
         self._clock.account(self.stats, timing)
@@ -266,7 +268,8 @@ class LLMEngine:
                 self._owner.pop(c.request_id, None)
         first = group.children[0]
         return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, outs, finished,
-                             sum(c.num_preemptions for c in group.children))
+                             sum(c.num_preemptions for c in group.children),
+                             None if first.params.prompt_logprobs is None else [None, *first.prompt_logprobs])
 
 
 def _room_for_packed(model) -> bool:

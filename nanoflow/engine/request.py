@@ -35,6 +35,8 @@ class Request:
     logprobs: list[dict] = field(default_factory=list)
     text: str = ""
     stop_reason: str | int | None = None
+    prompt_logprobs: list[dict] = field(default_factory=list)  # for prompt tokens 1.. (prompt_logprobs.py)
+    num_prompt_lp_planned: int = 0  # prompt tokens whose logprob a prepared step computes
 
     @property
     def num_prompt_tokens(self) -> int:

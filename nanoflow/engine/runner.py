@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoflow.engine.kv_tiers import scatter_blocks
+from nanoflow.engine.prompt_logprobs import PromptLogprobRows
 from nanoflow.engine.sampler import SampleResult, SampleRow, Sampler
 from nanoflow.engine.scheduler import ScheduledBatch
 from nanoflow.engine.transfer import host_to_device
@@ -32,6 +33,7 @@ class StepInputs:
     fill_rows: torch.Tensor | None = None
     fill_src: torch.Tensor | None = None
     kv_loads: list = field(default_factory=list)  # (block ids, staging) reloaded from a KV tier before the step
+    prompt_lp: PromptLogprobRows | None = None  # prompt rows that also go to the LM head (prompt logprobs)
 
 
 def kv_cache_blocks(cfg: ModelConfig, dtype: torch.dtype, block_size: int, memory_gb: float) -> int:
@@ -62,6 +64,7 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Host side of a step (scheduling thread): token ids, positions, slots, block tables, sampling rows."""
         ids, pos, slots, sample_rows, sample_reqs, specs, fill_rows, fill_src = [], [], [], [], [], [], [], []
+        prompt_lp = PromptLogprobRows()
         bs = self.block_size
         for c in batch.chunks:
             req, table = c.req, c.req.block_table
@@ -74,6 +77,8 @@ class ModelRunner:
                 ids.append(req.token_at(p) if p < known else 0)
                 pos.append(p)
                 slots.append(table[p // bs] * bs + p % bs)
+            if req.params.prompt_logprobs is not None:
+                prompt_lp.add(req, c.start, c.num_tokens, len(ids) - c.num_tokens)
             if c.samples:
                 row = len(ids) - 1
                 sample_rows.append(row)
@@ -93,7 +98,7 @@ class ModelRunner:
             else (None, None)
         return StepInputs(torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), meta,
                           torch.tensor(sample_rows, dtype=torch.long), sample_reqs, specs, self._step_id, *fill,
-                          kv_loads=list(batch.kv_loads))
+                          kv_loads=list(batch.kv_loads), prompt_lp=prompt_lp or None)
 
     def _decode_meta(self, batch: ScheduledBatch, meta: AttentionMetadata) -> None:
         if not batch.decodes:
@@ -130,6 +135,8 @@ class ModelRunner:
             if inp.fill_rows is not None:
                 inp.input_ids[inp.fill_rows] = self._prev_tokens[inp.fill_src]
             hidden = self.executor(inp.input_ids, inp.positions, inp.meta, self.kv_caches)
+            if inp.prompt_lp is not None:
+                inp.prompt_lp.compute(self.model, hidden)
             if not inp.sample_specs:
                 self._prev_tokens = None
                 return None

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoflow.flow.ops import StepState, final_hidden, layer_operations, run_op
+from nanoflow.flow.ops import StepState, final_hidden, run_op
 from nanoflow.flow.plan import Plan, dependencies, issue_order, nanobatch_plan, overlap_plan, parse_nano, \
-    sequential_plan, validate
+    plan_operations, sequential_plan, validate
 
 EXECUTORS = ("sequential", "nanobatch", "overlap")
 
@@ -60,7 +60,7 @@ class Program:
 def compile_program(plan: Plan, num_layers: int, ops=None) -> Program:
     """Per-unit task lists for all layers, with dependencies as (unit, position) pairs (max per unit;
     dependencies on the own unit are implied by its order)."""
-    ops = layer_operations() if ops is None else ops
+    ops = plan_operations(plan) if ops is None else ops
     deps, where = dependencies(plan, ops), plan.unit_of()
     per_layer = [len(plan.order.get(u.name, [])) for u in plan.units]
     tasks: list[list[NanoTask]] = [[] for _ in plan.units]
@@ -88,7 +88,7 @@ class Executor:
     kind = "base"
 
     def __init__(self, plan: Plan, model) -> None:
-        validate(plan, layer_operations(model.cfg))
+        validate(plan, model.operations())
         self.plan, self.model = plan, model
         self.trace: list | None = None  # set to [] to record nano-op timings of the following steps
         self.trace_steps: list[tuple[int, int, int]] = []  # per traced step: (tokens, decode tokens, events)
@@ -164,9 +164,9 @@ class OverlapExecutor(Executor):
 
 def resolve_plan(plan, kind: str, model, dense_batch: int, device) -> Plan:
     """A Plan from None (the default for the executor), a Plan, a JSON path, or "auto" (nanoflow tune)."""
-    cfg = model.cfg
+    tp = model.tp_size
     if kind == "sequential":
-        return sequential_plan(cfg, dense_batch)
+        return sequential_plan(dense_batch, tp)
     if isinstance(plan, Plan):
         return plan
     if plan == "auto":
@@ -174,7 +174,7 @@ def resolve_plan(plan, kind: str, model, dense_batch: int, device) -> Plan:
         return auto_plan(model, dense_batch, device)
     if plan:
         return Plan.load(plan)
-    return nanobatch_plan(cfg, dense_batch) if kind == "nanobatch" else overlap_plan(cfg, dense_batch)
+    return nanobatch_plan(dense_batch, tp_size=tp) if kind == "nanobatch" else overlap_plan(dense_batch, tp_size=tp)
 
 
 def make_executor(kind: str, plan, model, device=None, dense_batch: int = 256) -> Executor:

@@ -2,8 +2,13 @@
 
 An `Operation` has a name, a resource kind (compute / memory / network / other) and the step buffers it reads
 and writes; the dependencies of nano-operations (an operation on a token range) follow from those
-(`nanoflow/flow/plan.py`). `run_op` applies one operation to token rows [start, end) of a `StepState`, calling
-the same layer methods as the plain `LlamaForCausalLM.forward` (`models/llama.py`): one code path for the math.
+(`nanoflow/flow/plan.py`). `run_op` applies one operation to token rows [start, end) of a `StepState` with the
+layer's own modules. This is the only forward: `LlamaForCausalLM.forward` runs these operations in order on the
+whole step (what the sequential executor does), nano-batch executors run them on token ranges.
+
+Under tensor parallelism (`tp_size > 1`) the row-parallel o_proj and down produce partial sums: each is followed
+by an all-reduce of kind `network` over the same rows, so a plan can overlap one nano-batch's all-reduce with
+another's GEMMs.
 
 Buffers (all [T, ...] rows of the step, decode tokens first, prefill last):
   hidden    layer input; normalised in place by attn_norm / ffn_norm; o_proj and down write it
@@ -17,7 +22,7 @@ Buffers (all [T, ...] rows of the step, decode tokens first, prefill last):
 
 Design note: a range covering the whole step stores results by rebinding the buffer (no copy), so one
 nano-batch costs what the plain forward costs; partial ranges write rows of preallocated buffers (GEMMs
-through `mm(..., out=rows)`, no extra copy). All-reduce / all-gather are reserved for tensor parallelism.
+through `mm(..., out=rows)`, no extra copy); an all-reduce sums rows in place.
 """
 from __future__ import annotations
 
@@ -50,12 +55,19 @@ LAYER_OPERATIONS = (
     Operation("gate_up", "compute", ("hidden",), ("act",)),  # includes silu(gate) * up
     Operation("down", "compute", ("act",), ("hidden",)),
 )
-# Reserved for tensor parallelism (not built): Operation("all_reduce", "network", ...), "all_gather".
+# Tensor parallelism: the partial sums of the row-parallel GEMM before them, summed over the ranks.
+ALL_REDUCES = {"o_proj": Operation("attn_all_reduce", "network", ("hidden",), ("hidden",)),
+               "down": Operation("mlp_all_reduce", "network", ("hidden",), ("hidden",))}
 
 
-def layer_operations(cfg=None) -> list[Operation]:
-    """The operations of one decoder layer, in order (the same for every Llama-family config today)."""
-    return list(LAYER_OPERATIONS)
+def layer_operations(tp_size: int = 1) -> list[Operation]:
+    """The operations of one decoder layer, in order; with `tp_size > 1` an all-reduce after o_proj and down."""
+    ops = []
+    for op in LAYER_OPERATIONS:
+        ops.append(op)
+        if tp_size > 1 and op.name in ALL_REDUCES:
+            ops.append(ALL_REDUCES[op.name])
+    return ops
 
 
 class StepState:
@@ -65,7 +77,7 @@ class StepState:
     def __init__(self, model, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                  kv_caches, split: bool = False) -> None:
         self.model, self.meta, self.kv_caches = model, meta, kv_caches
-        self.hidden = model.embed_tokens(input_ids)
+        self.hidden = model.embed(input_ids)
         self.num_tokens = t = self.hidden.shape[0]
         self.rope = model.rope.prepare(positions, self.hidden.dtype)
         self.residual = self.qkv = self.act = None
@@ -152,11 +164,16 @@ OP_FUNCTIONS = {
     "gate_up": lambda layer, li, s, a, b: _store(s, "act", a, b, layer.mlp.gate_up(s.hidden[a:b])),
     "down": lambda layer, li, s, a, b: _linear_into(s, "hidden", a, b, layer.mlp.down_proj, s.act[a:b]),
 }
+NETWORK_OPS = {op.name for op in ALL_REDUCES.values()}
 
 
 def run_op(model, layer_idx: int, op_name: str, state: StepState, start: int, end: int) -> None:
     """Apply one operation of layer `layer_idx` to token rows [start, end) of the step, in place."""
-    if start < end:
+    if start >= end:
+        return
+    if op_name in NETWORK_OPS:
+        model.tp.all_reduce_(state.hidden[start:end])
+    else:
         OP_FUNCTIONS[op_name](model.layers[layer_idx], layer_idx, state, start, end)
 
 

@@ -25,7 +25,7 @@ import json
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
-from nanoflow.flow.ops import KINDS, Operation, layer_operations
+from nanoflow.flow.ops import ALL_REDUCES, KINDS, NETWORK_OPS, Operation, layer_operations
 
 NanoId = tuple[str, int]  # (op name, nano-op index)
 _CONTEXT_READERS = {"prefill_attn"}  # reads the KV of all earlier tokens of its requests
@@ -99,34 +99,53 @@ def nano_str(n: NanoId) -> str:
     return f"{n[0]}#{n[1]}"
 
 
-def sequential_plan(cfg, dense_batch: int) -> Plan:
+def sequential_plan(dense_batch: int, tp_size: int = 1) -> Plan:
     """One nano-batch, one unit that runs every kind: the baseline."""
-    ops = layer_operations(cfg)
+    ops = layer_operations(tp_size)
     return Plan(dense_batch, [Unit("main", list(KINDS), 1.0)], {o.name: [0, dense_batch] for o in ops},
                 {"main": [f"{o.name}#0" for o in ops]}, meta={"name": "sequential"})
 
 
-def overlap_plan(cfg, dense_batch: int, split: int | None = None, memory_share: float = 0.5) -> Plan:
+def overlap_plan(dense_batch: int, split: int | None = None, memory_share: float = 0.5, tp_size: int = 1) -> Plan:
     """The paper's single-device (8B) pipeline: every op in 2 nano-ops at `split` (default half the batch;
     decode tokens come first, so nano-batch 0 is mostly decode), decode attention on a memory unit so
-    decode_attn#0 overlaps qkv#1 and decode_attn#1 overlaps the O/FFN GEMMs of nano-batch 0."""
+    decode_attn#0 overlaps qkv#1 and decode_attn#1 overlaps the O/FFN GEMMs of nano-batch 0.
+    With tensor parallelism (the paper's 70B pipeline) the all-reduces run on a network unit: nano-batch 1's
+    attention and O GEMM overlap nano-batch 0's attention all-reduce, and each nano-batch's MLP overlaps the
+    other's all-reduce."""
     split = dense_batch // 2 if split is None else split
     if not 0 < split < dense_batch:
         raise PlanError("coverage", f"split {split} must lie inside (0, {dense_batch})")
-    ops = layer_operations(cfg)
+    ops = layer_operations(tp_size)
     head = ["attn_norm#0", "qkv#0", "rope_append#0", "attn_norm#1", "qkv#1", "rope_append#1"]
-    tail = [f"{o}#{i}" for i in (0, 1) for o in ("prefill_attn", "o_proj", "ffn_norm", "gate_up", "down")]
     units = [Unit("compute", ["compute", "other"], round(1 - memory_share, 3)), Unit("memory", ["memory"], memory_share)]
-    return Plan(dense_batch, units, {o.name: [0, split, dense_batch] for o in ops},
-                {"compute": head + tail, "memory": ["decode_attn#0", "decode_attn#1"]}, meta={"name": "overlap-2"})
+    order = {"memory": ["decode_attn#0", "decode_attn#1"]}
+    if tp_size > 1:
+        attn = [f"{o}#{i}" for i in (0, 1) for o in ("prefill_attn", "o_proj")]
+        mlp = [f"{o}#{i}" for i in (0, 1) for o in ("ffn_norm", "gate_up", "down")]
+        order["compute"] = head + attn + mlp
+        order["network"] = [f"{o}#{i}" for o in ("attn_all_reduce", "mlp_all_reduce") for i in (0, 1)]
+        units.append(Unit("network", ["network"], 0.1))
+    else:
+        order["compute"] = head + [f"{o}#{i}" for i in (0, 1)
+                                   for o in ("prefill_attn", "o_proj", "ffn_norm", "gate_up", "down")]
+    return Plan(dense_batch, units, {o.name: [0, split, dense_batch] for o in ops}, order,
+                meta={"name": "overlap-2"})
 
 
-def nanobatch_plan(cfg, dense_batch: int, split: int | None = None) -> Plan:
+def nanobatch_plan(dense_batch: int, split: int | None = None, tp_size: int = 1) -> Plan:
     """The same splits on one unit (the paper's nano-batching-without-overlap ablation)."""
-    p = overlap_plan(cfg, dense_batch, split)
-    order = [s for s in p.order["compute"][:6]] + p.order["memory"] + p.order["compute"][6:]
+    p = overlap_plan(dense_batch, split, tp_size=tp_size)
+    after = {f"{gemm}#{i}": [f"{ar.name}#{i}"] for gemm, ar in ALL_REDUCES.items() for i in (0, 1)}
+    tail = [s for n in p.order["compute"][6:] for s in [n] + (after.get(n, []) if tp_size > 1 else [])]
+    order = p.order["compute"][:6] + p.order["memory"] + tail
     return Plan(dense_batch, [Unit("main", list(KINDS), 1.0)], p.nano_batches, {"main": order},
                 meta={"name": "nanobatch-2"})
+
+
+def plan_operations(plan: Plan) -> list[Operation]:
+    """The layer operations a plan covers: with all-reduces when it was made for tensor parallelism."""
+    return layer_operations(2 if any(n in plan.nano_batches for n in NETWORK_OPS) else 1)
 
 
 def _hazard(a: Operation, b: Operation, same_layer: bool) -> set[str]:
@@ -153,7 +172,7 @@ def dependencies(plan: Plan, ops: list[Operation]) -> dict[NanoId, list[tuple[Na
 
 def validate(plan: Plan, ops: list[Operation] | None = None) -> None:
     """Raise PlanError naming the broken rule and where; return None for a valid plan."""
-    ops = layer_operations() if ops is None else ops
+    ops = plan_operations(plan) if ops is None else ops
     _check_format(plan)
     _check_coverage(plan, ops)
     where = _check_issue(plan, ops)
@@ -255,7 +274,7 @@ def _check_deadlock(plan: Plan, deps, where) -> None:
 def issue_order(plan: Plan, ops: list[Operation] | None = None) -> list[NanoId]:
     """One layer's nano-ops merged into a single dependency-respecting sequence (round-robin over the units'
     orders): what a single issuer runs (the nanobatch executor, a CUDA launch loop)."""
-    ops = layer_operations() if ops is None else ops
+    ops = plan_operations(plan) if ops is None else ops
     deps = dependencies(plan, ops)
     seqs = [[parse_nano(s) for s in plan.order.get(u.name, [])] for u in plan.units]
     heads, done, out, u = [0] * len(seqs), set(), [], 0

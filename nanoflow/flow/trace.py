@@ -16,7 +16,7 @@ KIND_COLORS = {"compute": "#4C72B0", "memory": "#DD8452", "network": "#55A868", 
 
 def _kinds() -> dict[str, str]:
     from nanoflow.flow.ops import layer_operations
-    return {o.name: o.kind for o in layer_operations()}
+    return {o.name: o.kind for o in layer_operations(tp_size=2)}  # every kind, network included
 
 
 def chrome_trace(events: list, info: dict | None = None) -> dict:

@@ -1,21 +1,26 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) on a paged KV cache.
 
-Weights use HF names with q/k/v and gate/up fused so each is one GEMM.
+Weights use HF names with q/k/v and gate/up fused so each is one GEMM. The modules hold weights and the math
+of each step of a layer; the forward is the layer's operation list (`nanoflow/flow/ops.py`) run in order, the
+same operations every executor runs. Under tensor parallelism a model holds one rank's shard
+(`distributed/shard.py`): its layers are built with the rank's head and MLP counts, the embedding and LM head
+with its vocabulary rows.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from nanoflow.kernels.attention import AttentionMetadata, paged_attention, write_kv
+from nanoflow.flow.ops import Operation, StepState, final_hidden, layer_operations, run_op
+from nanoflow.kernels.attention import AttentionMetadata, write_kv
 from nanoflow.models.config import ModelConfig
 from nanoflow.models.layers import Linear, RMSNorm, RopeInputs, RotaryEmbedding, logits_linear, pack_weight, \
     silu_and_mul
 
 
 class Attention(nn.Module):
-    """The attention half of a layer. The steps are separate methods because NanoFlow runs each one as its
-    own operation on token ranges (`nanoflow/flow/ops.py`); `forward` chains them on the whole batch."""
+    """The attention half of a layer: its steps are separate methods because each one is an operation
+    (`nanoflow/flow/ops.py`), run on token ranges."""
 
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
         super().__init__()
@@ -37,13 +42,6 @@ class Attention(nn.Module):
         _, k, v = self.split(qkv)
         write_kv(kv_cache, k, v, slot_mapping)
 
-    def forward(self, x, rope: RopeInputs, meta: AttentionMetadata, kv_cache):
-        qkv = self.qkv_proj(x)
-        self.rope_append(qkv, rope, meta.slot_mapping, kv_cache)
-        q, k, v = self.split(qkv)
-        out = paged_attention(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.cfg.q_size))
-
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -54,9 +52,6 @@ class MLP(nn.Module):
     def gate_up(self, x: torch.Tensor) -> torch.Tensor:
         """The fused gate/up GEMM and silu(gate) * up."""
         return silu_and_mul(self.gate_up_proj(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up(x))
 
 
 class DecoderLayer(nn.Module):
@@ -73,33 +68,53 @@ class DecoderLayer(nn.Module):
             return self.input_layernorm(x), x
         return self.input_layernorm(x, residual)
 
-    def forward(self, x, residual, rope: RopeInputs, meta, kv_cache):
-        x, residual = self.attn_norm(x, residual)
-        x = self.self_attn(x, rope, meta, kv_cache)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
-
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard=None) -> None:
+        """`shard`: a `TPShard` (this rank's part under tensor parallelism) or None (the whole model)."""
         super().__init__()
-        self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.shard = shard
+        self.cfg = shard.local_config(cfg) if shard is not None else cfg  # this rank's layer shapes
+        self.vocab_size = cfg.vocab_size
+        self.vocab = shard.vocab if shard is not None else (0, cfg.vocab_size)  # rows of embedding and head
+        rows = self.vocab[1] - self.vocab[0]
+        self.embed_tokens = nn.Embedding(rows, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rope) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(self.cfg, self.rope) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, rows)
         self.packed_head: torch.Tensor | None = None  # the LM head in oneDNN's layout (prepack_linears)
+        self.tp = None  # the rank's TPGroup once it joined (distributed/comm.py); None: one device
+
+    @property
+    def tp_size(self) -> int:
+        return self.shard.world_size if self.shard is not None else 1
+
+    def operations(self) -> list[Operation]:
+        """One decoder layer's operations, in order: what every executor runs."""
+        return layer_operations(self.tp_size)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
-        """Returns final hidden states [T, hidden] for all tokens of the step."""
-        x = self.embed_tokens(input_ids)
-        rope = self.rope.prepare(positions, x.dtype)
-        residual = None
-        for layer, kv in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, rope, meta, kv)
-        x, _ = self.norm(x, residual)
+        """Final hidden states [T, hidden] of the step: every layer's operations in order on all its tokens
+        (the sequential executor's work, without its plan)."""
+        state = StepState(self, input_ids, positions, meta, kv_caches)
+        ops = [op.name for op in self.operations()]
+        for li in range(len(self.layers)):
+            for op in ops:
+                run_op(self, li, op, state, 0, state.num_tokens)
+        return final_hidden(self, state)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings; vocabulary-parallel under TP: each rank looks up the ids in its rows, zeros for
+        the rest, and the all-reduce sums one non-zero row per token (exact in any dtype)."""
+        if self.tp is None:
+            return self.embed_tokens(input_ids)
+        lo, hi = self.vocab
+        inside = (input_ids >= lo) & (input_ids < hi)
+        x = self.embed_tokens((input_ids - lo).clamp(0, hi - lo - 1))
+        x.masked_fill_(~inside.unsqueeze(1), 0)
+        self.tp.all_reduce_(x)
         return x
 
     def prepack_linears(self, m_hint: int) -> None:
@@ -113,5 +128,7 @@ class LlamaForCausalLM(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return logits_linear(hidden, self.head_weight(), self.packed_head)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits over the whole vocabulary; under TP gathered on rank 0, which samples (None elsewhere)."""
+        logits = logits_linear(hidden, self.head_weight(), self.packed_head)
+        return logits if self.tp is None else self.tp.gather_vocab(logits, self.vocab_size)

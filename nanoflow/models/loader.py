@@ -92,40 +92,46 @@ def config_from_hf(c: dict) -> ModelConfig:
 
 
 def build_model(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, seed: int = 0,
-                device: str | torch.device = "cpu") -> LlamaForCausalLM:
+                device: str | torch.device = "cpu", shard=None) -> LlamaForCausalLM:
     """The model with its weights on `device`, materialised there in `dtype` (no float32 copy of the whole
-    model, no detour through CPU RAM: an 8B model in bf16 needs 16 GB on the device and nothing more)."""
+    model, no detour through CPU RAM: an 8B model in bf16 needs 16 GB on the device and nothing more).
+    `shard` (a TPShard): only this tensor-parallel rank's part, read tensor by tensor (never the whole model)."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(cfg, shard)
     model = model.to(dtype).to_empty(device=device)
     # The RoPE tables were on meta: recompute them on the CPU (the same numbers on every device).
     model.rope.__init__(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
     if src.kind == "dummy":
-        _init_dummy(model, seed)
+        _init_dummy(model, cfg, seed)
     else:
-        weights = _hf_weights(src.path) if src.kind == "hf" else _gguf_weights(src.path, cfg)
-        load_weights(model, weights, cfg)  # copy_ casts each checkpoint tensor to `dtype` on the device
+        weights = _hf_weights(src.path, shard, cfg) if src.kind == "hf" else _gguf_weights(src.path, cfg)
+        if shard is not None and src.kind != "hf":
+            weights = ((name, shard.narrow(name, t, cfg)) for name, t in weights)
+        load_weights(model, weights, model.cfg)  # copy_ casts each checkpoint tensor to `dtype` on the device
     return model.to(device=device, dtype=dtype).eval()  # the RoPE buffers: to the device and dtype
 
 
-def _init_dummy(model: torch.nn.Module, seed: int) -> None:
-    """N(0, 0.02) drawn in float32 one parameter at a time, then cast: the values do not depend on the
-    serving dtype, and peak memory is the model plus one float32 parameter. A device generator draws on the
-    device (a CUDA draw differs from a CPU one with the same seed)."""
+def _init_dummy(model: LlamaForCausalLM, cfg: ModelConfig, seed: int) -> None:
+    """N(0, 0.02) drawn in float32 one whole-model parameter at a time, then cut to this rank's shard and
+    cast: the values do not depend on the serving dtype or the tensor-parallel layout, and peak memory is the
+    model plus one float32 parameter. A device generator draws on the device (a CUDA draw differs from a CPU
+    one with the same seed)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        whole = dict(LlamaForCausalLM(cfg).named_parameters())
     for name, p in model.named_parameters():
         if name.endswith("layernorm.weight") or name == "norm.weight":
             p.data.fill_(1.0)
         elif name.endswith("bias"):
             p.data.zero_()
-        elif p.dtype == torch.float32:
-            p.data.normal_(0.0, 0.02, generator=gen)
         else:
-            p.data.copy_(torch.empty(p.shape, device=device).normal_(0.0, 0.02, generator=gen))
+            full = torch.empty(whole[name].shape, device=device).normal_(0.0, 0.02, generator=gen)
+            p.data.copy_(full if model.shard is None else model.shard.narrow(name, full, cfg))
 
 
-def _hf_weights(path: str):
+def _hf_weights(path: str, shard=None, cfg: ModelConfig | None = None):
+    """(name, tensor) of every safetensors file; with a shard, only the rank's rows/columns are read."""
     from safetensors import safe_open
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
@@ -133,7 +139,13 @@ def _hf_weights(path: str):
     for fn in files:
         with safe_open(fn, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                where = shard.slice_of(name, cfg) if shard is not None else None
+                if where is None:
+                    yield name, f.get_tensor(name)
+                else:
+                    dim, a, b = where
+                    part = f.get_slice(name)
+                    yield name, part[a:b] if dim == 0 else part[:, a:b]
 
 
 def _gguf_weights(path: str, cfg: ModelConfig):

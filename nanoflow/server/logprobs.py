@@ -28,6 +28,14 @@ class LogprobFormatter:
             offset += len(tok)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
+    def echo(self, prompt_ids: list[int], prompt_lps: list[dict | None], entries: list[dict]) -> dict:
+        """echo + logprobs: the prompt's tokens first (the first one's logprob and top are null, as in vLLM),
+        then the output's; offsets run over the tokens' texts from 0."""
+        first = self.token(prompt_ids[0])
+        rest = self.completion([*prompt_lps[1:], *entries], len(first))
+        return {"tokens": [first, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
+                "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}
+
     def chat(self, entries: list[dict]) -> list[dict]:
         """/v1/chat/completions: logprobs.content = [{token, logprob, bytes, top_logprobs}]."""
         return [{**self._entry(e["token_id"], e["logprob"]),

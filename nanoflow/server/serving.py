@@ -165,17 +165,21 @@ class OpenAIServing:
         choices = []
         for i, (out, (text, ids)) in enumerate(zip(finals, job.prompts)):
             for o in out.outputs:
-                choices.append(self._choice(job, i * job.n + o.index, o, text, ids))
+                choices.append(self._choice(job, i * job.n + o.index, o, text, ids, out.prompt_logprobs))
         kind = "text_completion" if job.kind == "completion" else "chat.completion"
         return envelope(kind, job.rid, job.model, choices, usage=self._usage(job, finals))
 
-    def _choice(self, job: Job, index: int, o: CompletionOutput, text: str | None, ids: list[int]) -> dict:
+    def _choice(self, job: Job, index: int, o: CompletionOutput, text: str | None, ids: list[int],
+                prompt_lps: list | None = None) -> dict:
         if job.kind == "chat":
             lp = None if o.logprobs is None else {"content": self.fmt.chat(o.logprobs)}
             return {"index": index, "message": {"role": "assistant", "content": o.text}, "logprobs": lp,
                     "finish_reason": finish_reason(o), "stop_reason": o.stop_reason}
         prefix = self._prompt_text(text, ids) if job.echo else ""
-        lp = None if o.logprobs is None else self.fmt.completion(o.logprobs, len(prefix))
+        if job.echo and prompt_lps is not None:  # echo + logprobs: the prompt's tokens first (vLLM)
+            lp = self.fmt.echo(ids, prompt_lps, o.logprobs or [])
+        else:
+            lp = None if o.logprobs is None else self.fmt.completion(o.logprobs, len(prefix))
         return {"index": index, "text": prefix + o.text, "logprobs": lp, "finish_reason": finish_reason(o),
                 "stop_reason": o.stop_reason}
 

@@ -17,6 +17,7 @@ class StreamState:
         self.sent_tokens = [0] * n
         self.done = [False] * n
         self.text_offset = [0] * n
+        self.echoed = [False] * n  # echo + logprobs: the prompt went out with the first delta
         # A stop string may be half-generated: hold back that many characters until it is decided.
         self.holdback = max((len(s) - 1 for p in job.params for s in p.stop_strings), default=0)
 
@@ -33,7 +34,7 @@ class StreamState:
                     out.append(self._usage(p, idx, self._chunk([{
                         "index": idx, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                         "finish_reason": None}])))
-                elif self.job.echo:
+                elif self.job.echo and self.job.params[p].prompt_logprobs is None:  # else: with the first delta
                     prefix = self.s._prompt_text(text, ids)
                     self.text_offset[idx] = len(prefix)
                     out.append(self._chunk([{"index": idx, "text": prefix, "logprobs": None,
@@ -54,9 +55,19 @@ class StreamState:
                 continue  # one chunk per step with new tokens, even if their text is still held back
             self.sent_text[idx], self.sent_tokens[idx] = end, len(o.token_ids)
             self.done[idx] = finished
-            chunks.append(self._usage(p, idx, self._chunk([
-                self._choice(idx, delta, new_lp if o.logprobs is not None else None, o)])))
+            choice = self._choice(idx, delta, new_lp if o.logprobs is not None else None, o)
+            if self.job.echo and out.prompt_logprobs is not None and not self.echoed[idx]:
+                self._echo_into(choice, p, idx, out.prompt_logprobs, new_lp)
+            chunks.append(self._usage(p, idx, self._chunk([choice])))
         return chunks
+
+    def _echo_into(self, choice: dict, p: int, idx: int, prompt_lps: list, new_lp: list) -> None:
+        """echo + logprobs: the prompt's text and logprobs lead the first delta (vLLM)."""
+        text, ids = self.job.prompts[p]
+        choice["text"] = self.s._prompt_text(text, ids) + choice["text"]
+        lp = choice["logprobs"] = self.s.fmt.echo(ids, prompt_lps, new_lp)
+        self.text_offset[idx] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+        self.echoed[idx] = True
 
     def _usage(self, p: int, idx: int, chunk: dict) -> dict:
         """stream_options.continuous_usage_stats: this choice's usage so far on each of its chunks (vLLM)."""

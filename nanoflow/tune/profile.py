@@ -160,7 +160,7 @@ def run_profile(model, dense_batch: int, num_decode: int | None = None, context_
     ids, pos, meta, kv = synthetic_step(model, dense_batch, num_decode, context_len, num_layers=1)
     with torch.inference_mode():
         state = StepState(model, ids, pos, meta, kv, split=True)
-        ops = [o.name for o in layer_operations(model.cfg)]
+        ops = [o.name for o in model.operations()]
         for op in ops:  # fill every buffer once so each op finds real inputs
             run_op(model, 0, op, state, 0, dense_batch)
     gpu = dev.type == "cuda"

@@ -35,7 +35,7 @@ class Candidate:
 
 def op_specs(cfg=None) -> list[OpSpec]:
     """The layer's operations for the MILP, with dependencies from the buffers they share (plan.py's rule)."""
-    ops = layer_operations(cfg)
+    ops = layer_operations()
     return [OpSpec(b.name, b.kind, tuple(a.name for a in ops[:j] if _hazard(a, b, True)),
                    ROW_KIND.get(b.name, "all"), b.name in _CONTEXT_READERS) for j, b in enumerate(ops)]
 
@@ -49,12 +49,12 @@ def make_problem(prof: Profile, cfg=None, layers: int = 2, time_limit: float = 2
 def plan_from_schedule(s: Schedule, cfg, dense_batch: int, name: str) -> Plan:
     """Layer 0's per-unit start order becomes the plan's issue order; the cut is common to all ops."""
     if s.num_nano == 1 and len([u for u, seq in s.order.items() if seq]) <= 1:
-        return sequential_plan(cfg, dense_batch)
+        return sequential_plan(dense_batch)
     units = [Unit(u, UNIT_KINDS[u], round(min(1.0, s.shares.get(u, 1.0)), 3)) for u in sorted(s.order)]
     order = {u: [f"{op}#{i}" for (layer, op, i) in seq if layer == 0] for u, seq in s.order.items()}
-    plan = Plan(dense_batch, units, {o.name: list(s.splits) for o in layer_operations(cfg)}, order,
+    plan = Plan(dense_batch, units, {o.name: list(s.splits) for o in layer_operations()}, order,
                 cross_layer=s.cross_layer(), meta={"name": name, "predicted_layer_s": s.makespan})
-    validate(plan, layer_operations(cfg))
+    validate(plan, layer_operations())
     return plan
 
 
@@ -65,7 +65,7 @@ def candidates(prof: Profile, cfg, layers: int = 2, max_nano: int = 3, time_limi
     t0 = time.perf_counter()
     structures = search_structure(p, max_nano=max_nano)
     seq_time = structures[0].makespan / layers
-    out = [Candidate("sequential", "sequential", sequential_plan(cfg, prof.dense_batch), seq_time)]
+    out = [Candidate("sequential", "sequential", sequential_plan(prof.dense_batch), seq_time)]
     for s1 in structures[1:]:
         s2 = stage2(p, s1)
         log(f"tune: N={s1.num_nano} cut {s1.splits}: Stage I {1e3 * s1.makespan / layers:.2f} ms/layer, "
@@ -186,7 +186,7 @@ def tune(model, dense_batch: int, out: str | None = None, refresh: bool = False,
                       "tune_seconds": round(time.perf_counter() - t0, 1),
                       "candidates": [{"name": c.name, "executor": c.executor, "predicted_layer_s": c.predicted_s,
                                       "measured_layer_s": c.measured_s, "cpu_layer_s": c.cpu_s} for c in cands]})
-    validate(plan, layer_operations(model.cfg))
+    validate(plan, model.operations())
     plan.save(cache_path("plans", plan_key(model, dense_batch, device)))
     if out:
         plan.save(out)
@@ -199,7 +199,7 @@ def auto_plan(model, dense_batch: int, device) -> Plan:
     path = cache_path("plans", plan_key(model, dense_batch, torch.device(device)))
     try:
         plan = Plan.load(path)
-        validate(plan, layer_operations(model.cfg))
+        validate(plan, model.operations())
         return plan
     except (OSError, ValueError):
         pass
