@@ -5,6 +5,7 @@ step i's tokens are read back after that (async_exec.py)."""
 from __future__ import annotations
 
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -15,12 +16,11 @@ from nanoflow.engine import logits_process
 from nanoflow.engine.async_exec import DeviceClock, DeviceWorker, InFlightStep, run_timed
 from nanoflow.engine.kv_tiers import kv_cache_salt, make_kv_tiers
 from nanoflow.engine.request import Request
-from nanoflow.engine.runner import ModelRunner, kv_cache_blocks
+from nanoflow.engine.runner import build_runner, kv_cache_blocks
 from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
 from nanoflow.engine.structured_output import GrammarCompilerCache
 from nanoflow.kernels import cpu_ext
-from nanoflow.models.layers import packed_gemm_supported
-from nanoflow.models.loader import build_model, load_config, parse_dtype, resolve_model
+from nanoflow.models.loader import load_config, parse_dtype, resolve_model
 from nanoflow.outputs import CompletionOutput, RequestOutput
 from nanoflow.profiling import region
 from nanoflow.sampling_params import SamplingParams
@@ -73,20 +73,20 @@ class LLMEngine:
         self.dtype = parse_dtype(config.dtype)
         self.model_config = load_config(src)
         self.tokenizer = load_tokenizer(src)
-        model = build_model(src, self.model_config, self.dtype, seed=config.seed, device=config.device)
-        if config.packed_gemm and packed_gemm_supported(self.dtype, config.device) and _room_for_packed(model):
-            model.prepack_linears(config.dense_batch)
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
         num_blocks = config.num_kv_blocks or kv_cache_blocks(
-            self.model_config, self.dtype, config.block_size, config.kv_cache_gb)
+            self.model_config, self.dtype, config.block_size, config.kv_cache_gb, config.tensor_parallel_size)
+        self.tp_workers, tp_group = self._start_tensor_parallel(num_blocks)
+        runner = build_runner(config, self.model_config, num_blocks, tp_group)
+        if tp_group is not None:
+            tp_group.barrier()  # every rank built its shard (a worker that failed to has exited: this raises)
         self.scheduler = Scheduler(SchedulerConfig(
             dense_batch=config.dense_batch, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
             block_size=config.block_size, num_blocks=num_blocks, admission_control=config.admission_control,
             prefix_caching=config.prefix_caching,
             cache_salt=kv_cache_salt(src, self.dtype, config.block_size, config.seed, config.device)))
-        self.runner = ModelRunner(model, self.model_config, self.dtype, num_blocks, config.block_size, config.seed,
-                                  config.executor, config.plan, config.dense_batch)
+        self.runner = runner
         self.kv_tiers = self.scheduler.kv_tiers = make_kv_tiers(config, self.runner.kv_caches, self.runner.stream)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -99,6 +99,28 @@ class LLMEngine:
         self._in_flight: deque[InFlightStep] = deque()  # launched, tokens not read back yet (async: at most 1)
         self._clock = DeviceClock()
         self.scheduler.kv_fence = self._wait_for_steps_of
+
+    def _start_tensor_parallel(self, num_blocks: int):
+        """(workers, rank 0's group) with tensor_parallel_size > 1, else (None, None)."""
+        self._finalizer = None
+        if self.config.tensor_parallel_size == 1:
+            return None, None
+        if self.config.plan == "auto":
+            raise ValueError("--plan auto profiles one device; give a plan file or a built-in plan with "
+                             "tensor_parallel_size > 1")
+        from nanoflow.distributed.launch import start_tensor_parallel
+        workers, group = start_tensor_parallel(self.config, self.model_config, num_blocks)
+        if group is None:  # this node (or torchrun rank) only served steps, and rank 0 has shut down
+            raise SystemExit(0)
+        self._finalizer = weakref.finalize(self, workers.shutdown, group)
+        return workers, group
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (also done when the engine is collected or at exit)."""
+        if self._worker is not None:
+            self._worker.close()
+        if self._finalizer is not None:
+            self._finalizer()
 
     # ---- requests in and out ----
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -149,6 +171,14 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule and launch a step, then read back the oldest step in flight. Async: the step just launched
         stays in flight (its tokens are read by the next call), so an EOS is seen one step late."""
+        if self.tp_workers is None:
+            return self._step()
+        try:
+            return self._step()
+        except Exception as e:  # a collective failed: name the rank that died or hung
+            raise self.tp_workers.failure(e) from e
+
+    def _step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         self.stats.schedule_s += time.perf_counter() - t0
@@ -270,19 +300,6 @@ class LLMEngine:
         return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, outs, finished,
                              sum(c.num_preemptions for c in group.children),
                              None if first.params.prompt_logprobs is None else [None, *first.prompt_logprobs])
-
-
-def _room_for_packed(model) -> bool:
-    """The packed weights are a second copy: only when it leaves half the machine's memory free (an 8B model
-    in bf16 on a 24 GB machine keeps F.linear)."""
-    import logging
-    import psutil
-    extra = sum(p.numel() * p.element_size() for p in model.parameters())
-    if extra < psutil.virtual_memory().available / 2:
-        return True
-    logging.getLogger(__name__).warning("not packing GEMM weights for oneDNN: a second copy (%.1f GB) would not "
-                                        "leave half the free memory", extra / 2**30)
-    return False
 
 
 def _child_params(params: SamplingParams, i: int) -> SamplingParams:

@@ -47,8 +47,8 @@ class PromptLogprobRows:
         for i in range(0, len(self.rows), ROWS_PER_SLICE):
             rows = torch.tensor(self.rows[i:i + ROWS_PER_SLICE], dtype=torch.long, device=hidden.device)
             logits = model.compute_logits(hidden[rows])
-            if logits is None:  # a tensor-parallel worker: rank 0 holds the logits and reports them
-                return
+            if logits is None:  # a tensor-parallel worker: rank 0 holds the logits (every slice is gathered)
+                continue
             lp = torch.log_softmax(logits.float(), dim=-1)
             targets = self.targets[i:i + ROWS_PER_SLICE]
             chosen = lp.gather(1, torch.tensor(targets, device=lp.device).unsqueeze(1)).squeeze(1).tolist()

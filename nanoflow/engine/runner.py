@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -36,9 +37,42 @@ class StepInputs:
     prompt_lp: PromptLogprobRows | None = None  # prompt rows that also go to the LM head (prompt logprobs)
 
 
-def kv_cache_blocks(cfg: ModelConfig, dtype: torch.dtype, block_size: int, memory_gb: float) -> int:
+def kv_cache_blocks(cfg: ModelConfig, dtype: torch.dtype, block_size: int, memory_gb: float,
+                    tp_size: int = 1) -> int:
+    """Blocks of a `memory_gb` KV pool on each device (under TP: the rank holding the most KV heads)."""
+    if tp_size > 1:
+        from nanoflow.distributed.shard import TPShard
+        cfg = TPShard.of(cfg, 0, tp_size).local_config(cfg)  # rank 0 has the most KV heads (uneven splits)
     per_block = cfg.kv_bytes_per_token(torch.finfo(dtype).bits // 8) * block_size
     return max(1, int(memory_gb * (1 << 30)) // per_block)
+
+
+def build_runner(config, model_config: ModelConfig, num_blocks: int, tp_group=None) -> "ModelRunner":
+    """The model (this rank's shard under TP, joined to `tp_group`) on its device, and its runner."""
+    from nanoflow.models.layers import packed_gemm_supported
+    from nanoflow.models.loader import build_model, parse_dtype, resolve_model
+    dtype = parse_dtype(config.dtype)
+    shard = tp_group.shard if tp_group is not None else None
+    model = build_model(resolve_model(config.model), model_config, dtype, seed=config.seed, device=config.device,
+                        shard=shard)
+    model.tp = tp_group
+    if config.packed_gemm and packed_gemm_supported(dtype, config.device) and _room_for_packed(model):
+        model.prepack_linears(config.dense_batch)
+    return ModelRunner(model, model.cfg, dtype, num_blocks, config.block_size, config.seed, config.executor,
+                       config.plan, config.dense_batch)
+
+
+def _room_for_packed(model) -> bool:
+    """The packed weights are a second copy: only when it leaves half the machine's memory free (an 8B model
+    in bf16 on a 24 GB machine keeps F.linear)."""
+    import logging
+    import psutil
+    extra = sum(p.numel() * p.element_size() for p in model.parameters())
+    if extra < psutil.virtual_memory().available / 2:
+        return True
+    logging.getLogger(__name__).warning("not packing GEMM weights for oneDNN: a second copy (%.1f GB) would not "
+                                        "leave half the free memory", extra / 2**30)
+    return False
 
 
 class ModelRunner:
@@ -46,6 +80,7 @@ class ModelRunner:
                  seed: int = 0, executor: str = "sequential", plan: str | None = None, dense_batch: int = 256) -> None:
         self.model, self.cfg, self.dtype, self.block_size = model, cfg, dtype, block_size
         self.device = next(model.parameters()).device
+        self.tp = model.tp  # tensor parallelism: rank 0 sends each step to the workers and samples
         # How each step's layers run (nanoflow/flow): called like the model, returns the final hidden states.
         self.executor = make_executor(executor, plan, model, self.device, dense_batch)
         shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
@@ -127,6 +162,8 @@ class ModelRunner:
         # Fill rows index the previous step's tokens: that step must be the one that ran just before.
         assert inp.fill_rows is None or inp.step_id == self._ran_step + 1, "steps ran out of order"
         self._ran_step = inp.step_id
+        if self.tp is not None and self.tp.rank == 0:
+            self.tp.broadcast_object(_for_workers(inp))
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             if self.device.type != "cpu":
                 _to_device(inp, self.device)
@@ -137,19 +174,30 @@ class ModelRunner:
             hidden = self.executor(inp.input_ids, inp.positions, inp.meta, self.kv_caches)
             if inp.prompt_lp is not None:
                 inp.prompt_lp.compute(self.model, hidden)
-            if not inp.sample_specs:
+            if not len(inp.sample_rows):
                 self._prev_tokens = None
                 return None
             logits = self.model.compute_logits(hidden[inp.sample_rows])
+            if logits is None:  # a tensor-parallel worker: rank 0 samples, the tokens come from there
+                self._prev_tokens = self.tp.broadcast_tokens(None, len(inp.sample_rows))
+                return None
             with region("nanoflow::sampling"):
                 result = self.sampler(logits, inp.sample_specs, inp.input_ids)
             self._prev_tokens = result.tokens
+            if self.tp is not None:
+                self.tp.broadcast_tokens(result.tokens, len(inp.sample_rows))
             if self.stream is not None:  # tokens go up through pinned memory; the engine waits on the event
                 result.host_tokens = torch.empty(result.tokens.shape, dtype=result.tokens.dtype, pin_memory=True)
                 result.host_tokens.copy_(result.tokens, non_blocking=True)
                 result.ready = torch.cuda.Event()
                 result.ready.record(self.stream)
             return result
+
+
+def _for_workers(inp: StepInputs) -> StepInputs:
+    """What tensor-parallel workers need of a step: the tensors, without the engine's Requests (rank 0 samples)."""
+    lp = dataclasses.replace(inp.prompt_lp, owners=[]) if inp.prompt_lp is not None else None
+    return dataclasses.replace(inp, sample_reqs=[], sample_specs=[], prompt_lp=lp)
 
 
 def _to_device(inp: StepInputs, device: torch.device) -> None:
