@@ -88,12 +88,16 @@ class StructuredOutputsParams:
             if not isinstance(so, dict):
                 raise ValueError("structured_outputs must be an object")
             known = {"json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace"}
-            specs.append(cls(**{k: v for k, v in so.items() if k in known and v is not None}))
+            unknown = sorted(k for k, v in so.items() if k not in known and v is not None)
+            if unknown:  # (structural_tag, whitespace_pattern, ...): refused, never silently ignored
+                raise ValueError(f"structured_outputs field {unknown[0]!r} is not supported by this server")
+            specs.append(cls(**{k: v for k, v in so.items() if v is not None}))
         for name in ("json", "regex", "choice", "grammar"):  # vLLM's older guided_* fields
             if extra.get(f"guided_{name}") is not None:
                 specs.append(cls(**{name: extra[f"guided_{name}"]}))
         if len(specs) > 1:
-            raise ValueError("structured_outputs: give only one of response_format, structured_outputs, guided_*")
+            raise ValueError("structured_outputs may be given only once (response_format, structured_outputs or "
+                             "guided_*)")
         return specs[0] if specs else None
 
 

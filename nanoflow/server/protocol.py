@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from nanoflow.engine.structured_output import StructuredOutputsParams
+
 INT64_MAX = 2**63 - 1
 MAX_LOGPROBS = 20  # like vLLM's --max-logprobs default
 MAX_N = 64
@@ -47,7 +49,6 @@ DECLINED_FIELDS: dict[str, tuple] = {
     "function_call": ("none",), "echo": (False,), "continue_final_message": (False,),
     "add_generation_prompt": (True,), "chat_template": (), "chat_template_kwargs": ({},), "documents": (),
     "audio": (), "modalities": (["text"],), "prediction": (), "suffix": ("",),
-    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
     "guided_decoding_backend": (), "guided_whitespace_pattern": (),
 }
 
@@ -86,8 +87,14 @@ class _SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(None, max_length=1024)
-    # OpenAI fields we do not implement: accepted only when unset, so nothing is silently ignored.
+    # Structured output (xgrammar): OpenAI's response_format, vLLM's structured_outputs and its older guided_*.
     response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # OpenAI fields we do not implement: accepted only when unset, so nothing is silently ignored.
     tools: list[dict[str, Any]] | None = None
 
     @model_validator(mode="before")
@@ -110,9 +117,13 @@ class _SamplingFields(_Strict):
             raise ValueError("min_tokens must not exceed max_tokens (param: min_tokens)")
         if self.tools:
             raise ValueError("tools is not supported by this server (param: tools)")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("only response_format type 'text' is supported (param: response_format)")
         return self
+
+    def structured_spec(self) -> StructuredOutputsParams | None:
+        """The structured-output spec, validated (ValueError naming the field: a 400)."""
+        extra = {k: getattr(self, k) for k in ("structured_outputs", "guided_json", "guided_regex",
+                                               "guided_choice", "guided_grammar")}
+        return StructuredOutputsParams.from_openai(self.response_format, extra)
 
     @property
     def include_usage(self) -> bool:

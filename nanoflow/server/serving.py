@@ -133,7 +133,8 @@ class OpenAIServing:
                 stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
                 skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=_logit_bias(req.logit_bias),
-                prompt_logprobs=logprobs if getattr(req, "echo", False) else None)
+                prompt_logprobs=logprobs if getattr(req, "echo", False) else None,
+                structured_outputs=req.structured_spec())
             logits_process.check_vocab(params, self.vocab_size)
         except ValueError as e:
             raise APIError(str(e), str(e).split(" ", 1)[0]) from None
