@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(p)
     launch.add_arguments(p)
     p.set_defaults(func=launch.run)
+    from nanoflow.batch import run_batch
+    p = sub.add_parser("run-batch", help="an OpenAI batch file (JSONL) through the engine, streamed and resumable")
+    add_engine_arguments(p)
+    run_batch.add_arguments(p)
+    p.set_defaults(func=run_batch.run)
     p = sub.add_parser("roofline", help="the paper's cost model and optimal throughput")
     roofline.add_arguments(p)
     p.set_defaults(func=roofline.run)

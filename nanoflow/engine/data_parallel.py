@@ -1,0 +1,244 @@
+"""Data parallelism: N engine replicas in their own processes behind LLMEngine's interface (add_request, step,
+abort_request, has_unfinished_requests, stats), so LLM, run-batch and bench use them unchanged.
+
+Routing: a request goes to the replica with the fewest outstanding tokens (prompt + max_tokens), unless the
+replica that last got its prefix (the hash of its first KV blocks, grouping.prefix_key) is not much busier:
+requests sharing a prefix land where it is cached. A replica that dies is reported and its unfinished requests
+are re-run on the others; results of one replica arrive in order on its own pipe and a request is re-run only
+after its replica's pipe has closed, so none is lost or answered twice."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from types import SimpleNamespace
+
+from nanoflow.batch.grouping import prefix_key
+from nanoflow.config import EngineConfig
+from nanoflow.engine import dp_worker as w
+from nanoflow.engine.request import Request
+from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
+from nanoflow.outputs import CompletionOutput, RequestOutput
+from nanoflow.sampling_params import SamplingParams
+
+log = logging.getLogger("nanoflow.data_parallel")
+AFFINITY_ENTRIES = 1 << 16  # prefixes remembered (LRU)
+
+
+def make_engine(config: EngineConfig):
+    """LLMEngine, or DataParallelEngine when config.data_parallel_size > 1."""
+    if config.data_parallel_size > 1:
+        return DataParallelEngine(config)
+    from nanoflow.engine.engine import LLMEngine
+    return LLMEngine(config)
+
+
+def split_cores(n: int, cores: list[int] | None = None) -> list[list[int]]:
+    """Contiguous, disjoint core sets, one per replica (shared round-robin if there are fewer cores than n)."""
+    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    if len(cores) < n:
+        return [[cores[i % len(cores)]] for i in range(n)]
+    per = len(cores) // n
+    return [cores[i * per:(i + 1) * per] for i in range(n)]
+
+
+@dataclass
+class Replica:
+    rank: int
+    process: mp.process.BaseProcess
+    commands: object  # Connection, parent -> replica
+    results: object  # Connection, replica -> parent
+    alive: bool = True
+    load: int = 0  # outstanding tokens
+    stats: object = None
+
+
+@dataclass
+class _Outstanding:
+    msg: w.AddRequest
+    tokens: int
+    key: bytes | None
+    replica: int = -1
+
+
+class DataParallelEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from nanoflow.engine.engine import StepStats
+        self.config = config
+        self.replicas: list[Replica] = []
+        from nanoflow.models.loader import load_config, resolve_model
+        from nanoflow.tokenizer import load_tokenizer
+        src = resolve_model(self.config.model)
+        self.model_config, self.tokenizer = load_config(src), load_tokenizer(src)
+        self._empty_stats = StepStats
+        self._outstanding: dict[str, _Outstanding] = {}
+        self._affinity: OrderedDict[bytes, int] = OrderedDict()
+        self._finished: list[RequestOutput] = []
+        self._start_replicas()
+
+    # ---- lifecycle ----
+    def _start_replicas(self) -> None:
+        ctx = mp.get_context("spawn")
+        cores = split_cores(self.config.data_parallel_size)
+        for rank, mine in enumerate(cores):
+            cmd_recv, cmd_send = ctx.Pipe(duplex=False)
+            res_recv, res_send = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=w.replica_main, name=f"nanoflow-dp{rank}", daemon=True,
+                            args=(rank, w.replica_config(self.config, rank, mine), mine, cmd_recv, res_send))
+            p.start()
+            cmd_recv.close(), res_send.close()  # only the child holds these: its death closes the pipe
+            self.replicas.append(Replica(rank, p, cmd_send, res_recv))
+        infos = [self._wait_ready(r) for r in self.replicas]
+        info = next((i for i in infos if i is not None), None)
+        if info is None:
+            raise RuntimeError("no data-parallel replica started")
+        self.max_model_len = info.max_model_len
+        sc = SchedulerConfig(max_model_len=info.max_model_len, block_size=info.block_size,
+                             num_blocks=info.num_blocks, max_num_seqs=info.max_num_seqs)
+        self.scheduler = SimpleNamespace(config=sc)  # read-only view for OpenAIServing
+        self._checker = Scheduler(sc)  # the replicas' own fit check, run here so a bad request fails at once
+
+    def _wait_ready(self, r: Replica) -> w.ReplicaInfo | None:
+        try:
+            msg = r.results.recv()
+        except (EOFError, OSError):
+            msg = w.Failed(r.rank, f"exit code {r.process.exitcode}")
+        if isinstance(msg, w.Ready):
+            return msg.info
+        log.error("data-parallel replica %d failed to start: %s", r.rank, msg.error)
+        r.alive = False
+        return None
+
+    def shutdown(self) -> None:
+        for r in self.replicas:
+            if r.alive:
+                try:
+                    r.commands.send(w.Shutdown())
+                except OSError:
+                    pass
+        for r in self.replicas:
+            r.process.join(timeout=10)
+            if r.process.is_alive():
+                r.process.terminate()
+            r.alive = False
+
+    # ---- requests in and out ----
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        if request_id in self._outstanding:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        self._validate(prompt_token_ids, params)
+        tokens = (len(prompt_token_ids) + params.max_tokens) * params.n
+        o = _Outstanding(w.AddRequest(request_id, list(prompt_token_ids), params, prompt), tokens,
+                         prefix_key(prompt_token_ids, self.scheduler.config.block_size))
+        self._outstanding[request_id] = o
+        self._send(o)
+
+    def abort_request(self, request_id: str) -> None:
+        o = self._outstanding.pop(request_id, None)
+        if o is not None and self.replicas[o.replica].alive:
+            self.replicas[o.replica].load -= o.tokens
+            self._try_send(self.replicas[o.replica], w.AbortRequest(request_id))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._outstanding or self._finished)
+
+    def step(self) -> list[RequestOutput]:
+        """Wait (at most a second) for the replicas' next steps; their finished requests."""
+        live = {r.results: r for r in self.replicas if r.alive}
+        if not live:
+            raise RuntimeError("every data-parallel replica has died")
+        for conn in wait(list(live), timeout=1.0):
+            r = live[conn]
+            try:
+                while r.alive and conn.poll():
+                    self._receive(r, conn.recv())
+            except (EOFError, OSError):
+                self._died(r)
+        out, self._finished = self._finished, []
+        return out
+
+    @property
+    def stats(self):
+        """The replicas' step statistics summed (their latest totals)."""
+        total = self._empty_stats()
+        for r in self.replicas:
+            if r.stats is not None:
+                for f in dataclasses.fields(total):
+                    setattr(total, f.name, getattr(total, f.name) + getattr(r.stats, f.name))
+        return total
+
+    # ---- internals ----
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
+        if params.max_tokens is None:  # what LLMEngine.add_request does, here so the load estimate knows it
+            params.max_tokens = max(1, self.max_model_len - len(ids))
+        self._checker.check_fits(Request(list(ids), params))
+
+    def _pick(self, o: _Outstanding) -> Replica:
+        live = [r for r in self.replicas if r.alive]
+        if not live:
+            raise RuntimeError("every data-parallel replica has died")
+        least = min(live, key=lambda r: r.load)
+        fav = self.replicas[self._affinity[o.key]] if o.key in self._affinity else None
+        # Affinity wins unless its replica is well ahead of the least loaded (then balance beats the cache hit).
+        chosen = fav if fav is not None and fav.alive and fav.load <= least.load + max(2048, least.load // 4) \
+            else least
+        if o.key is not None:
+            self._affinity[o.key] = chosen.rank
+            self._affinity.move_to_end(o.key)
+            if len(self._affinity) > AFFINITY_ENTRIES:
+                self._affinity.popitem(last=False)
+        return chosen
+
+    def _send(self, o: _Outstanding) -> None:
+        while True:
+            r = self._pick(o)
+            if self._try_send(r, o.msg):
+                o.replica = r.rank
+                r.load += o.tokens
+                return
+
+    def _try_send(self, r: Replica, msg) -> bool:
+        try:
+            r.commands.send(msg)
+            return True
+        except OSError:  # broken pipe: the replica is gone
+            self._died(r)
+            return False
+
+    def _receive(self, r: Replica, msg) -> None:
+        if isinstance(msg, w.StepDone):
+            r.stats = msg.stats
+            for out in msg.finished:
+                o = self._outstanding.get(out.request_id)
+                if o is not None and o.replica == r.rank:  # (aborted ones are no longer outstanding)
+                    del self._outstanding[out.request_id]
+                    r.load -= o.tokens
+                    self._finished.append(out)
+        elif isinstance(msg, w.Rejected) and msg.request_id in self._outstanding:
+            o = self._outstanding.pop(msg.request_id)
+            r.load -= o.tokens
+            log.error("replica %d rejected request %s: %s", r.rank, msg.request_id, msg.message)
+            self._finished.append(RequestOutput(msg.request_id, o.msg.prompt, o.msg.prompt_token_ids,
+                                                [CompletionOutput(0, "", [], "abort")], finished=True))
+
+    def _died(self, r: Replica) -> None:
+        """Report the replica and re-run its unfinished requests on the others."""
+        if not r.alive:
+            return
+        r.alive, r.load = False, 0
+        r.process.join(timeout=5)
+        todo = [o for o in self._outstanding.values() if o.replica == r.rank]
+        log.warning("data-parallel replica %d (pid %s) died (exit code %s); re-running its %d unfinished "
+                    "requests on the others", r.rank, r.process.pid, r.process.exitcode, len(todo))
+        for o in todo:
+            self._send(o)

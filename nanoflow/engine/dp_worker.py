@@ -1,0 +1,129 @@
+"""One data-parallel replica: an LLMEngine in its own process, pinned to its own cores (or its own GPU), driven
+by typed messages over two one-way pipes (commands in, results out).
+
+A reader thread drains the command pipe into a local queue, so the parent never blocks sending while the
+replica is busy sending results (two processes each blocked on a full pipe would deadlock)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import threading
+from dataclasses import dataclass
+
+from nanoflow.config import EngineConfig
+from nanoflow.outputs import RequestOutput
+from nanoflow.sampling_params import SamplingParams
+
+
+# ---- parent -> replica ----
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+# ---- replica -> parent ----
+@dataclass
+class ReplicaInfo:
+    """What the parent needs to validate and route without loading weights twice."""
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    max_num_seqs: int
+
+
+@dataclass
+class Ready:
+    rank: int
+    info: ReplicaInfo
+
+
+@dataclass
+class StepDone:
+    """Sent after every step: the requests it finished and the replica's running totals."""
+    rank: int
+    finished: list[RequestOutput]
+    stats: object  # engine.StepStats
+
+
+@dataclass
+class Rejected:
+    request_id: str
+    message: str
+
+
+@dataclass
+class Failed:
+    rank: int
+    error: str
+
+
+def replica_config(config: EngineConfig, rank: int, cores: list[int]) -> EngineConfig:
+    """The replica's own config: one engine, its share of the cores, its own GPU."""
+    device = config.device
+    if device.startswith("cuda"):
+        device = f"cuda:{rank}"
+    return dataclasses.replace(config, data_parallel_size=1, device=device,
+                               num_threads=config.num_threads or len(cores))
+
+
+def replica_main(rank: int, config: EngineConfig, cores: list[int], commands, results) -> None:
+    """The replica process (multiprocessing spawn target)."""
+    if hasattr(os, "sched_setaffinity") and cores:
+        os.sched_setaffinity(0, cores)  # before torch starts its thread pool
+    import torch
+    from nanoflow.engine.engine import LLMEngine
+    try:
+        torch.set_num_threads(config.num_threads or len(cores))
+        engine = LLMEngine(config)
+    except BaseException as e:  # e.g. out of memory: the parent reports it and goes on without this replica
+        results.send(Failed(rank, f"{type(e).__name__}: {e}"))
+        return
+    sc = engine.scheduler.config
+    results.send(Ready(rank, ReplicaInfo(engine.max_model_len, sc.block_size, sc.num_blocks, sc.max_num_seqs)))
+    inbox: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_commands, args=(commands, inbox), daemon=True).start()
+    while True:
+        busy = engine.has_unfinished_requests()
+        msgs = [] if busy else [inbox.get()]  # idle: wait for work
+        while not inbox.empty():
+            msgs.append(inbox.get_nowait())
+        for msg in msgs:
+            if isinstance(msg, Shutdown):
+                return
+            _apply(engine, msg, results)
+        if engine.has_unfinished_requests():
+            finished = [o for o in engine.step() if o.finished]
+            results.send(StepDone(rank, finished, engine.stats))
+
+
+def _apply(engine, msg, results) -> None:
+    if isinstance(msg, AddRequest):
+        try:
+            engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.prompt)
+        except ValueError as e:
+            results.send(Rejected(msg.request_id, str(e)))
+    elif isinstance(msg, AbortRequest) and msg.request_id in engine.groups:
+        engine.abort_request(msg.request_id)
+
+
+def _read_commands(commands, inbox: queue.Queue) -> None:
+    while True:
+        try:
+            inbox.put(commands.recv())
+        except (EOFError, OSError):  # the parent is gone: stop
+            inbox.put(Shutdown())
+            return
