@@ -162,7 +162,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disk-kv-cache-gb", type=float, default=d.disk_kv_cache_gb,
                    help="on-disk KV tier behind the host tier (0: off); survives restarts")
     g.add_argument("--kv-cache-dir", default=None, help="directory of the disk KV tier (~/.cache/nanoflow/kv)")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
+    g.add_argument("--tensor-parallel-size", "-tp", default=str(d.tensor_parallel_size),
                    help="split every layer over N ranks (processes pinned to their own cores on a CPU, one GPU "
                         "each on CUDA; gloo / NCCL). bench offline: a comma list")
     g.add_argument("--nnodes", type=int, default=d.nnodes, help="machines the tensor-parallel ranks span")
@@ -179,4 +179,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig) if hasattr(args, f.name)})
+    kw = {f.name: getattr(args, f.name) for f in fields(EngineConfig) if hasattr(args, f.name)}
+    if isinstance(kw.get("tensor_parallel_size"), str):  # bench offline takes a comma list: the first here
+        kw["tensor_parallel_size"] = int(kw["tensor_parallel_size"].split(",")[0])
+    return EngineConfig(**kw)

@@ -46,6 +46,9 @@ def run_ours(llm, requests: list[BenchRequest], profile: bool = False) -> dict:
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
     llm.generate([requests[0].prompt_token_ids[:8]], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
     llm.engine.stats = type(llm.engine.stats)()  # count the measured run only
+    tp = llm.engine.runner.tp
+    if tp is not None:
+        tp.all_reduce_s, tp.all_reduce_calls = 0.0, 0
     with _maybe_profile(profile) as prof:
         start = time.perf_counter()
         outs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=True)
@@ -54,8 +57,13 @@ def run_ours(llm, requests: list[BenchRequest], profile: bool = False) -> dict:
         print_breakdown(breakdown(prof, elapsed), f"where the time goes ({elapsed:.1f} s wall, profiled run)")
     assert all(len(o.outputs[0].token_ids) == r.output_len for o, r in zip(outs, requests)), "lost tokens"
     stats = llm.engine.stats
-    return {**throughput_metrics(requests, elapsed), "preemptions": llm.engine.scheduler.num_preemptions,
-            "steps": stats.num_steps, **stats.breakdown()}
+    row = {**throughput_metrics(requests, elapsed), "preemptions": llm.engine.scheduler.num_preemptions,
+           "steps": stats.num_steps, **stats.breakdown()}
+    if tp is not None:  # rank 0's wall time inside the layers' all-reduces (includes waiting for the other ranks)
+        row["allreduce_ms_per_step"] = ar = 1e3 * tp.all_reduce_s / max(1, stats.num_steps)
+        row["note"] = (f"{tp.world_size} ranks: all-reduces {ar:.1f} ms of {row['device_ms']:.1f} ms per step "
+                       f"({tp.all_reduce_calls} calls, rank 0's wall time incl. waiting for the others)")
+    return row
 
 
 def run_async_off(args, requests: list[BenchRequest]) -> dict:
@@ -68,10 +76,27 @@ def run_async_off(args, requests: list[BenchRequest]) -> dict:
     return {"system": _ours_label(args, cfg["async_scheduling"]), **run_ours(llm, requests)}
 
 
-def _ours_label(args, async_on: bool) -> str:
+def _ours_label(args, async_on: bool, tp: int | None = None) -> str:
     extra = (", async" if async_on else ", --no-async") if args.compare_async else ""
     extra += f", {args.executor}" if getattr(args, "more_executors", None) else ""
+    tp = args.tp_sizes[0] if tp is None and getattr(args, "tp_sizes", None) else tp
+    extra += f", tp={tp}" if tp and (tp > 1 or len(getattr(args, "tp_sizes", [])) > 1) else ""
     return f"nanoflow ({args.dtype}{extra})"
+
+
+def run_tp_sizes(args, requests: list[BenchRequest]) -> list[dict]:
+    """Ours again per further size of `--tensor-parallel-size a,b` (a fresh engine each, the same requests)."""
+    from nanoflow import LLM
+    from nanoflow.config import engine_config_from_args
+    rows = []
+    for tp in args.tp_sizes[1:]:
+        cfg = asdict(engine_config_from_args(args))
+        cfg["tensor_parallel_size"] = tp
+        llm = LLM(cfg.pop("model"), **cfg)
+        rows.append({"system": _ours_label(args, llm.engine.config.async_scheduling, tp), **run_ours(llm, requests)})
+        llm.engine.shutdown()
+        del llm
+    return rows
 
 
 def run_executors(args, requests: list[BenchRequest]) -> list[dict]:
@@ -84,8 +109,10 @@ def run_executors(args, requests: list[BenchRequest]) -> list[dict]:
         cfg = asdict(engine_config_from_args(args))
         cfg["executor"] = kind
         llm = LLM(cfg.pop("model"), **cfg)
-        rows.append({"system": f"nanoflow ({args.dtype}, {kind})", **run_ours(llm, requests)})
+        rows.append({"system": _ours_label(args, llm.engine.config.async_scheduling).replace(
+            f", {args.executor}", f", {kind}"), **run_ours(llm, requests)})
         llm.engine.runner.executor.close()
+        llm.engine.shutdown()
         del llm
     return rows
 
@@ -164,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoflow.bench.report import print_step_breakdown, print_summary, write_json
     from nanoflow.config import engine_config_from_args
     args.executor, *args.more_executors = [k.strip() for k in args.executor.split(",") if k.strip()] or ["sequential"]
+    args.tp_sizes = [int(x) for x in str(args.tensor_parallel_size).split(",") if x.strip()] or [1]
     cfg = asdict(engine_config_from_args(args))
     llm = LLM(cfg.pop("model"), **cfg)
     requests = sample_workload(args.workload, args.num_requests, args.workload_seed,
@@ -173,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [{"system": _ours_label(args, llm.engine.config.async_scheduling),
              **run_ours(llm, requests, args.profile)}]
     rows += run_executors(args, requests)
+    rows += run_tp_sizes(args, requests)
     if args.compare_async:
         rows.append(run_async_off(args, requests))
         print_step_breakdown(rows)

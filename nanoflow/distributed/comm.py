@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import pickle
+import time
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,7 @@ class TPGroup:
         self.rank, self.world_size = shard.rank, shard.world_size
         # Step messages are host bytes: NCCL moves only device tensors, so on CUDA they take a gloo group.
         self.host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None
+        self.all_reduce_s, self.all_reduce_calls = 0.0, 0  # host time in the forward's all-reduces (benchmarks)
 
     @classmethod
     def connect(cls, shard: TPShard, device: torch.device, init_method: str, timeout_s: float) -> "TPGroup":
@@ -30,7 +32,10 @@ class TPGroup:
     # ---- inside the forward ----
     def all_reduce_(self, t: torch.Tensor) -> None:
         """Sum `t` over the ranks, in place (rows of a step buffer are contiguous)."""
+        t0 = time.perf_counter()
         dist.all_reduce(t)
+        self.all_reduce_s += time.perf_counter() - t0
+        self.all_reduce_calls += 1
 
     def gather_vocab(self, local: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
         """Logits [T, local vocab] of every rank -> [T, vocab] on rank 0 (None elsewhere). gloo's gather wants

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-seconds", type=float, default=1.0, help="GEMM measuring budget")
     parser.add_argument("--refresh", action="store_true", help="re-measure instead of using the cache")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the numbers as JSON")
+    parser.add_argument("--plans", action="store_true",
+                        help="also predict the sequential / nanobatch / overlap plans' step time from the cost "
+                             "model (a simulation) and compare with the paper's LLaMA-2-70B numbers")
 
 
 def resolve_model_config(spec: str) -> tuple[ModelConfig, float | None]:
@@ -119,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
     report = analyze(cfg, hw, batch, p, d, DTYPE_BYTES[args.dtype], params=args.params,
                      weight_params=weight_params)
     print_report(report, hw, args.dtype, measured)
+    if args.plans:
+        from nanoflow.tune.plansim import PAPER_70B, predict_plans, print_predictions
+        paper = PAPER_70B.get(f"{p:g}/{d:g}") if cfg.name == "llama-2-70b" and hw.num_devices == 8 else None
+        print_predictions(predict_plans(report.ops, batch, hw.num_devices), report.optimal_per_device, paper)
     if args.json:
         out = dict(report.to_dict(), dtype=args.dtype, peak_source="measured" if measured else "datasheet",
                    hardware_spec=dict(vars(hw)))
