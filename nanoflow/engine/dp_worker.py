@@ -103,6 +103,7 @@ def replica_main(rank: int, config: EngineConfig, cores: list[int], commands, re
             msgs.append(inbox.get_nowait())
         for msg in msgs:
             if isinstance(msg, Shutdown):
+                getattr(engine, "shutdown", lambda: None)()  # (its tensor-parallel ranks, if any)
                 return
             _apply(engine, msg, results)
         if engine.has_unfinished_requests():
