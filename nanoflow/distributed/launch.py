@@ -4,10 +4,10 @@ on a CPU (one GPU each on CUDA). Under `torchrun` (RANK/WORLD_SIZE in the enviro
 the process with RANK 0 runs the engine, the others serve steps. Across machines (`nnodes > 1`) each node runs
 its block of ranks; node 0 holds rank 0.
 
-A step: rank 0 broadcasts the step's inputs (StepInputs without the engine's Request objects), every rank runs
+A step: rank 0 posts the step's inputs (StepInputs without the engine's Request objects) to the store, every rank runs
 the same forward with its shard (all-reduces inside), the LM head's logits are gathered on rank 0, which
 samples and broadcasts the tokens (the next step's inputs may read them: async scheduling). Shutdown: rank 0
-broadcasts None. A worker that dies makes rank 0's next collective fail at once; one that hangs makes it fail
+posts None. A worker that dies makes rank 0's next collective fail at once; one that hangs makes it fail
 after `distributed_timeout_s`; either way the step raises an error naming the rank, never hangs.
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ class TPWorkers:
     def shutdown(self, group: TPGroup | None, timeout_s: float = 10.0) -> None:
         if group is not None and all(p.is_alive() for p in self.procs.values()):
             try:
-                group.broadcast_object(None)  # the workers' loop ends
+                group.post_step(None)  # the workers' loop ends
             except Exception:  # noqa: BLE001 - a dead peer: they are terminated below
                 pass
         for p in self.procs.values():
@@ -168,6 +168,6 @@ def worker_main(config, model_config, num_blocks: int, rank: int, init: str, err
         raise
     group.barrier()  # every rank built its shard
     with torch.inference_mode():
-        while (inp := group.broadcast_object()) is not None:
+        while (inp := group.next_step()) is not None:
             runner.run(inp)
     group.close()

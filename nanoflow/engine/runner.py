@@ -56,6 +56,9 @@ def build_runner(config, model_config: ModelConfig, num_blocks: int, tp_group=No
     model = build_model(resolve_model(config.model), model_config, dtype, seed=config.seed, device=config.device,
                         shard=shard)
     model.tp = tp_group
+    if torch.device(config.device).type == "cpu":
+        from nanoflow.kernels import cpu_ext
+        cpu_ext.get()  # build/load the C++ kernels now, not inside the first step (TP: before the ranks' barrier)
     if config.packed_gemm and packed_gemm_supported(dtype, config.device) and _room_for_packed(model):
         model.prepack_linears(config.dense_batch)
     return ModelRunner(model, model.cfg, dtype, num_blocks, config.block_size, config.seed, config.executor,
@@ -163,7 +166,7 @@ class ModelRunner:
         assert inp.fill_rows is None or inp.step_id == self._ran_step + 1, "steps ran out of order"
         self._ran_step = inp.step_id
         if self.tp is not None and self.tp.rank == 0:
-            self.tp.broadcast_object(_for_workers(inp))
+            self.tp.post_step(_for_workers(inp))
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             if self.device.type != "cpu":
                 _to_device(inp, self.device)
