@@ -1,4 +1,5 @@
-"""Builds the C++ CPU kernels once (torch.utils.cpp_extension, cached on disk) and exposes them.
+"""Builds the C++ CPU kernels once per environment (torch.utils.cpp_extension, into the nanoflow cache dir,
+under a lock that dies with its holder) and exposes them.
 
 Falls back to the plain-torch path when no compiler is available, so nothing depends on it for
 correctness. `set_enabled(False)` (or NANOFLOW_NO_CPP=1) switches every C++ kernel off, for ablations
@@ -6,6 +7,7 @@ and for tests that compare the two paths.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -49,29 +51,90 @@ class _Labelled:
         return call
 
 
+_NAME = "nanoflow_cpu_kernels"
+_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+BUILD_TIMEOUT_S = 600.0  # a build takes ~1 min (several on a loaded machine); NANOFLOW_CPP_BUILD_TIMEOUT overrides
+
+
 @functools.lru_cache(maxsize=1)
 def load():
-    """The compiled module, or None if it cannot be built here."""
+    """The compiled module, or None if it cannot be built here (or another process held the build longer
+    than the timeout: then this process runs the torch path, with a warning, rather than wait)."""
     try:
         from torch.utils.cpp_extension import load as load_ext
-        _remove_stale_build_lock("nanoflow_cpu_kernels")
-        return load_ext(name="nanoflow_cpu_kernels", sources=_SOURCES, verbose=False,
-                        extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                        extra_ldflags=["-fopenmp"])
+        path = build_dir()
+        os.makedirs(path, exist_ok=True)
+        timeout = float(os.environ.get("NANOFLOW_CPP_BUILD_TIMEOUT", BUILD_TIMEOUT_S))
+        with build_lock(path + ".lock", timeout) as held:
+            if not held:
+                log.warning("C++ CPU kernels: another process has held the build lock %s.lock for over %.0f s; "
+                            "using the torch fallback", path, timeout)
+                return None
+            _remove_torch_baton(path)
+            return load_ext(name=_NAME, sources=_SOURCES, build_directory=path, verbose=False,
+                            extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS))  # (torch appends to them)
     except Exception as e:  # no compiler / ninja: keep working on the torch path
         log.warning("C++ CPU kernels unavailable (%s); using the torch fallback", e)
         return None
 
 
-def _remove_stale_build_lock(name: str, max_age_s: float = 600.0) -> None:
-    """torch's build lock outlives a build that was killed (OOM, Ctrl-C), and every later process then waits
-    on it forever; a build takes ~1 minute, so a lock older than `max_age_s` is stale."""
-    import time
-    from torch.utils.cpp_extension import _get_build_directory
-    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+def build_dir() -> str:
+    """<nanoflow cache>/cpp/<key>: one build per interpreter (environment), torch version, CPU (-march=native)
+    and source/flag hash. Not torch's shared ~/.cache/torch_extensions, where virtualenvs of the same Python
+    overwrite each other's build and a killed build's lock blocks everyone."""
+    import hashlib
+    import platform
+    import sys
+
+    import torch
+
+    from nanoflow.tune.peak import cache_dir
+    h = hashlib.sha256()
+    for f in _SOURCES:
+        with open(f, "rb") as fh:
+            h.update(fh.read())
+    h.update(" ".join(_CFLAGS + _LDFLAGS + [sys.prefix, sys.version, platform.machine(), _cpu_flags()]).encode())
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-{h.hexdigest()[:16]}"
+    return os.path.join(cache_dir("cpp"), tag.replace("+", "_"))
+
+
+def _cpu_flags() -> str:
     try:
-        if time.time() - os.path.getmtime(lock) > max_age_s:
-            os.remove(lock)
-            log.warning("removed a stale C++ build lock %s", lock)
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
     except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def build_lock(path: str, timeout_s: float):
+    """An exclusive flock on `path`, polled until `timeout_s`; yields whether it is held. The kernel releases
+    a flock when its holder dies, so a killed build never leaves a lock behind."""
+    import fcntl
+    import time
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline, held = time.monotonic() + timeout_s, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.2)
+        yield held
+    finally:
+        os.close(fd)  # (releases the flock)
+
+
+def _remove_torch_baton(path: str) -> None:
+    """torch's own build lock (a plain file) inside the build directory: under our flock nobody else builds
+    there, so one left by a killed build is stale and would make torch wait forever."""
+    try:
+        os.remove(os.path.join(path, "lock"))
+        log.warning("removed a stale C++ build lock in %s (a build was killed)", path)
+    except FileNotFoundError:
         pass
