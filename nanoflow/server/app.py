@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import nanoflow
 from nanoflow.engine.engine import LLMEngine
 from nanoflow.server.async_engine import AsyncEngine, EngineDead, QueueFull
+from nanoflow.server.lifecycle import DEFAULT_MAX_BODY_BYTES, BodyLimit, GracefulServer, warm_up
 from nanoflow.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 from nanoflow.server.serving import OpenAIServing
 
@@ -24,9 +25,11 @@ log = logging.getLogger("nanoflow.server")
 _PARAM_IN_MSG = re.compile(r"\(param: (\w+)\)")
 
 
-def build_app(engine: LLMEngine, served_model_names: list[str] | None = None, max_waiting: int = 256) -> FastAPI:
-    """An app serving `engine` (which it now owns: only its engine thread may touch it)."""
+def build_app(engine: LLMEngine, served_model_names: list[str] | None = None, max_waiting: int = 256,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """An app serving `engine` (which it now owns: only its engine thread may touch it), warmed up first."""
     names = served_model_names or [_default_name(engine.config.model)]
+    warm_up(engine)
     async_engine = AsyncEngine(engine, max_waiting=max_waiting)
     async_engine.metrics.num_blocks.set(engine.scheduler.block_manager.num_blocks)
     serving = OpenAIServing(async_engine, names)
@@ -38,6 +41,7 @@ def build_app(engine: LLMEngine, served_model_names: list[str] | None = None, ma
     app = FastAPI(title="nanoflow OpenAI-compatible server", version=nanoflow.__version__, lifespan=lifespan)
     app.state.async_engine, app.state.serving = async_engine, serving
     _install_error_handlers(app, async_engine)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     created = int(time.time())
 
     @app.post("/v1/completions")
@@ -64,8 +68,9 @@ def build_app(engine: LLMEngine, served_model_names: list[str] | None = None, ma
 
     @app.get("/health")
     async def health():
-        if async_engine.dead:
-            return JSONResponse(error_body(async_engine.dead, "ServiceUnavailable", None, 503), 503)
+        if async_engine.dead or async_engine.draining:
+            reason = async_engine.dead or "the server is shutting down"
+            return JSONResponse(error_body(reason, "ServiceUnavailable", None, 503), 503)
         return Response(status_code=200)
 
     @app.get("/version")
@@ -153,9 +158,9 @@ def _default_name(model: str) -> str:
 class ServerThread:
     """A real uvicorn server on a background thread (tests, benchmarks): `with ServerThread(app) as url:`."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    timeout_graceful_shutdown=2))
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, shutdown_timeout: float = 1.0) -> None:
+        self.server = GracefulServer(uvicorn.Config(app, host=host, port=port, log_level="warning"), app,
+                                     shutdown_timeout)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
 
     def __enter__(self) -> str:

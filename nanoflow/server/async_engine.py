@@ -32,6 +32,10 @@ class EngineDead(Exception):
     pass
 
 
+class ShuttingDown(EngineDead):
+    """The server is draining (answered 503 like a dead engine)."""
+
+
 @dataclass
 class _Tracked:
     loop: asyncio.AbstractEventLoop
@@ -79,6 +83,7 @@ class AsyncEngine:
         self._preemptions_seen = 0
         self._stop = threading.Event()
         self.dead: str | None = None
+        self.draining = False  # shutdown began: no new requests
         self._thread = threading.Thread(target=self._loop, name="nanoflow-engine", daemon=True)
         self._thread.start()
 
@@ -91,6 +96,8 @@ class AsyncEngine:
         """Claim waiting-queue room for `num` engine requests, or raise QueueFull (-> 429)."""
         if self.dead:
             raise EngineDead(self.dead)
+        if self.draining:
+            raise ShuttingDown("the server is shutting down")
         with self._pending_lock:
             if self.num_waiting >= self.max_waiting:
                 raise QueueFull(f"the waiting queue is full ({self.max_waiting} requests); retry later")
@@ -115,6 +122,13 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def end_all(self, message: str) -> None:
+        """End every request in flight with ShuttingDown (its caller answers 503 / an SSE error event)."""
+        self._commands.put(("end_all", message))
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -171,6 +185,8 @@ class AsyncEngine:
                 return
             self._tracked[rid] = tracked
             self.metrics.prompt_tokens.inc(len(ids))
+        elif cmd[0] == "end_all":
+            self._fail_all(ShuttingDown(cmd[1]))
         elif cmd[0] == "abort":
             rid = cmd[1]
             if self._tracked.pop(rid, None) is not None:

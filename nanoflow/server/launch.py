@@ -13,6 +13,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-waiting", type=int, default=256,
                    help="waiting-queue bound; further requests get 429 until it drains")
     g.add_argument("--log-level", default="info")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM: seconds in-flight requests may still run before they end with an error")
+    g.add_argument("--max-request-body-bytes", type=int, default=16 << 20,
+                   help="larger request bodies get 413")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,7 +27,11 @@ def run(args: argparse.Namespace) -> int:
     from nanoflow.server.app import build_app
     if args.max_waiting < 1:
         raise ValueError("--max-waiting must be at least 1")
+    from nanoflow.server.lifecycle import GracefulServer
+    if args.max_request_body_bytes < 1:
+        raise ValueError("--max-request-body-bytes must be at least 1")
     engine = LLMEngine(engine_config_from_args(args))
-    app = build_app(engine, args.served_model_name, args.max_waiting)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    app = build_app(engine, args.served_model_name, args.max_waiting, args.max_request_body_bytes)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    GracefulServer(config, app, args.shutdown_timeout).run()
     return 0

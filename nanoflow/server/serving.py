@@ -17,7 +17,7 @@ from nanoflow.engine import logits_process
 from nanoflow.engine.block_manager import blocks_needed
 from nanoflow.outputs import CompletionOutput, RequestOutput
 from nanoflow.sampling_params import SamplingParams
-from nanoflow.server.async_engine import AsyncEngine, RequestHandle
+from nanoflow.server.async_engine import AsyncEngine, EngineDead, RequestHandle
 from nanoflow.server.logprobs import LogprobFormatter
 from nanoflow.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, envelope,
                                       error_body, finish_reason, new_id, usage)
@@ -203,9 +203,10 @@ class OpenAIServing:
                     yield _sse(chunk)
             if job.include_usage:
                 yield _sse(state.usage_chunk())
-        except Exception as e:  # the engine rejected it (400) or failed (500): an error chunk, then DONE
-            code = 400 if isinstance(e, ValueError) else 500
-            yield _sse(error_body(str(e), "BadRequestError" if code == 400 else "InternalServerError", None, code))
+        except Exception as e:  # rejected (400), shutting down / dead (503) or failed (500): an error chunk, DONE
+            code, kind = (400, "BadRequestError") if isinstance(e, ValueError) else \
+                (503, "ServiceUnavailable") if isinstance(e, EngineDead) else (500, "InternalServerError")
+            yield _sse(error_body(str(e), kind, None, code))
         finally:  # also on disconnect (the response task is cancelled): free the KV at once
             for h in handles:
                 h.abort()
