@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(p)
     offline.add_arguments(p)
     p.set_defaults(func=offline.run)
+    from nanoflow.bench import batch as batch_bench
+    p = bench.add_parser("batch", help="a shared-prefix batch job: prefix grouping off/on, 1 vs N replicas")
+    add_engine_arguments(p)
+    batch_bench.add_arguments(p)
+    p.set_defaults(func=batch_bench.run)
     p = bench.add_parser("serve", help="online latency through a running server's HTTP API (Poisson arrivals)")
     online.add_arguments(p)
     p.set_defaults(func=online.run)

@@ -46,7 +46,7 @@ def run_ours(llm, requests: list[BenchRequest], profile: bool = False) -> dict:
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
     llm.generate([requests[0].prompt_token_ids[:8]], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
     llm.engine.stats = type(llm.engine.stats)()  # count the measured run only
-    tp = llm.engine.runner.tp
+    tp = getattr(getattr(llm.engine, "runner", None), "tp", None)  # (data-parallel replicas: no runner here)
     if tp is not None:
         tp.all_reduce_s, tp.all_reduce_calls = 0.0, 0
     with _maybe_profile(profile) as prof:
@@ -57,7 +57,8 @@ def run_ours(llm, requests: list[BenchRequest], profile: bool = False) -> dict:
         print_breakdown(breakdown(prof, elapsed), f"where the time goes ({elapsed:.1f} s wall, profiled run)")
     assert all(len(o.outputs[0].token_ids) == r.output_len for o, r in zip(outs, requests)), "lost tokens"
     stats = llm.engine.stats
-    row = {**throughput_metrics(requests, elapsed), "preemptions": llm.engine.scheduler.num_preemptions,
+    preemptions = getattr(llm.engine.scheduler, "num_preemptions", None)  # (None: data-parallel replicas)
+    row = {**throughput_metrics(requests, elapsed), "preemptions": preemptions,
            "steps": stats.num_steps, **stats.breakdown()}
     if tp is not None:  # rank 0's wall time inside the layers' all-reduces (includes waiting for the other ranks)
         row["allreduce_ms_per_step"] = ar = 1e3 * tp.all_reduce_s / max(1, stats.num_steps)

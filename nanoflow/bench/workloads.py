@@ -202,3 +202,22 @@ def sample_conversations(spec: str, num_conversations: int, seed: int, vocab_siz
             total += n_in + n_out
         convs.append(Conversation(user, outs))
     return convs
+
+
+def sample_shared_prefix(spec: str, num_requests: int, num_prefixes: int, prefix_lens: tuple[int, int], seed: int,
+                         vocab_size: int, max_model_len: int, max_input: int | None = None,
+                         max_output: int | None = None, traces_dir: str | None = None) -> list[BenchRequest]:
+    """A batch job with shared prefixes (BatchLLM's setting): `num_prefixes` system prompts of
+    prefix_lens[0]..prefix_lens[1] tokens, each request one of them (uniformly) plus a trace-length user turn,
+    in shuffled order; output lengths from the trace. Deterministic for a given seed."""
+    lo, hi = prefix_lens
+    if not 1 <= lo <= hi or hi >= max_model_len:
+        raise ValueError(f"prefix lengths {lo}..{hi} must be within 1..{max_model_len - 1}")
+    rng = np.random.default_rng(seed)
+    low = _SAFE_LOW_ID if vocab_size > 2 * _SAFE_LOW_ID else 0
+    prefixes = [rng.integers(low, vocab_size, size=int(rng.integers(lo, hi + 1))).tolist()
+                for _ in range(num_prefixes)]
+    turns = sample_workload(spec, num_requests, seed + 1, vocab_size, max_model_len - hi, max_input, max_output,
+                            traces_dir)
+    which = rng.integers(0, num_prefixes, size=num_requests)  # independent draws: the order is already shuffled
+    return [BenchRequest(prefixes[k] + t.prompt_token_ids, t.output_len) for k, t in zip(which.tolist(), turns)]

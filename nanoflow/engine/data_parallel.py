@@ -55,6 +55,8 @@ class Replica:
     alive: bool = True
     load: int = 0  # outstanding tokens
     stats: object = None
+    sent: int = 0  # commands sent
+    acked: int = 0  # commands the replica had applied at its latest step
 
 
 @dataclass
@@ -73,8 +75,11 @@ class DataParallelEngine:
         from nanoflow.models.loader import load_config, resolve_model
         from nanoflow.tokenizer import load_tokenizer
         src = resolve_model(self.config.model)
+        from nanoflow.models.loader import parse_dtype
         self.model_config, self.tokenizer = load_config(src), load_tokenizer(src)
+        self.dtype = parse_dtype(config.dtype)
         self._empty_stats = StepStats
+        self._stats_base = StepStats()  # `engine.stats = StepStats()` (benchmarks) counts from then on
         self._outstanding: dict[str, _Outstanding] = {}
         self._affinity: OrderedDict[bytes, int] = OrderedDict()
         self._finished: list[RequestOutput] = []
@@ -148,29 +153,40 @@ class DataParallelEngine:
         return bool(self._outstanding or self._finished)
 
     def step(self) -> list[RequestOutput]:
-        """Wait (at most a second) for the replicas' next steps; their finished requests."""
-        live = {r.results: r for r in self.replicas if r.alive}
-        if not live:
-            raise RuntimeError("every data-parallel replica has died")
-        for conn in wait(list(live), timeout=1.0):
-            r = live[conn]
-            try:
-                while r.alive and conn.poll():
-                    self._receive(r, conn.recv())
-            except (EOFError, OSError):
-                self._died(r)
+        """Like LLMEngine.step: returns once every replica sent requests has stepped with them (else after the
+        next step of any, at most a second); the requests finished meanwhile. So a group's leader has been
+        computed before its followers are sent (stream.py)."""
+        while True:
+            live = {r.results: r for r in self.replicas if r.alive}
+            if not live:
+                raise RuntimeError("every data-parallel replica has died")
+            behind = any(r.acked < r.sent for r in live.values())
+            for conn in wait(list(live), timeout=1.0):
+                r = live[conn]
+                try:
+                    while r.alive and conn.poll():
+                        self._receive(r, conn.recv())
+                except (EOFError, OSError):
+                    self._died(r)
+            if not behind or all(r.acked >= r.sent for r in self.replicas if r.alive):
+                break
         out, self._finished = self._finished, []
         return out
 
     @property
     def stats(self):
-        """The replicas' step statistics summed (their latest totals)."""
+        """The replicas' step statistics summed (their latest totals, since the last reset)."""
         total = self._empty_stats()
-        for r in self.replicas:
-            if r.stats is not None:
-                for f in dataclasses.fields(total):
-                    setattr(total, f.name, getattr(total, f.name) + getattr(r.stats, f.name))
+        for f in dataclasses.fields(total):
+            base = getattr(self._stats_base, f.name)
+            setattr(total, f.name, sum(getattr(r.stats, f.name) for r in self.replicas if r.stats) - base)
         return total
+
+    @stats.setter
+    def stats(self, value) -> None:
+        """Assigning fresh StepStats (as bench offline does) resets the sums to zero."""
+        self._stats_base = self._empty_stats()
+        self._stats_base = self.stats
 
     # ---- internals ----
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
@@ -210,6 +226,7 @@ class DataParallelEngine:
     def _try_send(self, r: Replica, msg) -> bool:
         try:
             r.commands.send(msg)
+            r.sent += 1
             return True
         except OSError:  # broken pipe: the replica is gone
             self._died(r)
@@ -217,7 +234,7 @@ class DataParallelEngine:
 
     def _receive(self, r: Replica, msg) -> None:
         if isinstance(msg, w.StepDone):
-            r.stats = msg.stats
+            r.stats, r.acked = msg.stats, msg.applied
             for out in msg.finished:
                 o = self._outstanding.get(out.request_id)
                 if o is not None and o.replica == r.rank:  # (aborted ones are no longer outstanding)

@@ -53,10 +53,12 @@ class Ready:
 
 @dataclass
 class StepDone:
-    """Sent after every step: the requests it finished and the replica's running totals."""
+    """Sent after every step (or after commands that left it idle): the requests it finished, the replica's
+    running totals and how many commands it had applied (the parent's step() waits for its own)."""
     rank: int
     finished: list[RequestOutput]
     stats: object  # engine.StepStats
+    applied: int
 
 
 @dataclass
@@ -96,6 +98,7 @@ def replica_main(rank: int, config: EngineConfig, cores: list[int], commands, re
     results.send(Ready(rank, ReplicaInfo(engine.max_model_len, sc.block_size, sc.num_blocks, sc.max_num_seqs)))
     inbox: queue.Queue = queue.Queue()
     threading.Thread(target=_read_commands, args=(commands, inbox), daemon=True).start()
+    applied = 0
     while True:
         busy = engine.has_unfinished_requests()
         msgs = [] if busy else [inbox.get()]  # idle: wait for work
@@ -106,9 +109,12 @@ def replica_main(rank: int, config: EngineConfig, cores: list[int], commands, re
                 getattr(engine, "shutdown", lambda: None)()  # (its tensor-parallel ranks, if any)
                 return
             _apply(engine, msg, results)
+        applied += len(msgs)
         if engine.has_unfinished_requests():
             finished = [o for o in engine.step() if o.finished]
-            results.send(StepDone(rank, finished, engine.stats))
+            results.send(StepDone(rank, finished, engine.stats, applied))
+        elif msgs:
+            results.send(StepDone(rank, [], engine.stats, applied))
 
 
 def _apply(engine, msg, results) -> None:
