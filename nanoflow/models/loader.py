@@ -63,8 +63,12 @@ def load_config(src: ModelSource) -> ModelConfig:
     if src.kind == "dummy":
         return get_preset(src.path)
     if src.kind == "hf":
-        with open(os.path.join(src.path, "config.json")) as f:
-            return config_from_hf(json.load(f))
+        path = os.path.join(src.path, "config.json")
+        try:
+            with open(path) as f:
+                return config_from_hf(json.load(f))
+        except (json.JSONDecodeError, KeyError) as e:  # one line that names the file, not a traceback
+            raise ValueError(f"{path}: not a usable HF config ({type(e).__name__}: {e})") from None
     from nanoflow.models.gguf_loader import gguf_config
     return gguf_config(src.path)
 
@@ -133,10 +137,7 @@ def _init_dummy(model: LlamaForCausalLM, cfg: ModelConfig, seed: int) -> None:
 def _hf_weights(path: str, shard=None, cfg: ModelConfig | None = None):
     """(name, tensor) of every safetensors file; with a shard, only the rank's rows/columns are read."""
     from safetensors import safe_open
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path!r}")
-    for fn in files:
+    for fn in _safetensors_files(path):
         with safe_open(fn, framework="pt") as f:
             for name in f.keys():
                 where = shard.slice_of(name, cfg) if shard is not None else None
@@ -146,6 +147,27 @@ def _hf_weights(path: str, shard=None, cfg: ModelConfig | None = None):
                     dim, a, b = where
                     part = f.get_slice(name)
                     yield name, part[a:b] if dim == 0 else part[:, a:b]
+
+
+def _safetensors_files(path: str) -> list[str]:
+    """The shards model.safetensors.index.json names (other *.safetensors beside them, e.g. a consolidated
+    copy, are not part of the checkpoint), else every *.safetensors file."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index with a weight_map ({e!r})") from None
+        files = [os.path.join(path, n) for n in names]
+        missing = [n for n, fn in zip(names, files) if not os.path.isfile(fn)]
+        if missing:
+            raise FileNotFoundError(f"{path!r}: shard {missing[0]} named in model.safetensors.index.json is missing")
+        return files
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path!r}")
+    return files
 
 
 def _gguf_weights(path: str, cfg: ModelConfig):
@@ -158,24 +180,45 @@ def load_weights(model: LlamaForCausalLM, weights, cfg: ModelConfig) -> None:
     params = dict(model.named_parameters())
     fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-    seen = set()
+    seen, tied_head = set(), None
     for name, tensor in weights:
         name = name.removeprefix("model.")
         if "rotary_emb" in name:
             continue
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            tied_head = tensor  # some writers store a tied embedding only under this name
             continue
         for part, (target, idx) in fused.items():
             if f".{part}." in name:
                 name = name.replace(part, target)
+                _check_known(params, name)
                 _copy_shard(params[name], tensor, idx, cfg, target)
                 break
         else:
-            params[name].data.copy_(torch.as_tensor(tensor).reshape(params[name].shape))
+            _copy(params, name, tensor)
         seen.add(name)
+    if "embed_tokens.weight" not in seen and tied_head is not None:
+        _copy(params, "embed_tokens.weight", tied_head)
+        seen.add("embed_tokens.weight")
     missing = set(params) - seen
     if missing:
-        raise ValueError(f"weights missing from checkpoint: {sorted(missing)[:5]}...")
+        raise ValueError(f"weights missing from the checkpoint: {', '.join(sorted(missing)[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+
+
+def _check_known(params: dict, name: str) -> None:
+    if name not in params:
+        raise ValueError(f"checkpoint tensor {name!r} has no place in this model (not a llama/mistral/qwen2 "
+                         f"weight, or config.json does not match the checkpoint)")
+
+
+def _copy(params: dict, name: str, tensor) -> None:
+    _check_known(params, name)
+    p, t = params[name], torch.as_tensor(tensor)
+    if t.numel() != p.numel():
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, the model (config.json) expects "
+                         f"{tuple(p.shape)}")
+    p.data.copy_(t.reshape(p.shape))
 
 
 def _copy_shard(param: torch.nn.Parameter, tensor, idx: int, cfg: ModelConfig, target: str) -> None:
