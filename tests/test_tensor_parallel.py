@@ -129,3 +129,26 @@ def test_server_with_tp2_answers_the_openai_client(tp_llm, reference):
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         out = client.completions.create(model="default", prompt=PROMPTS[0], max_tokens=24, temperature=0)
     assert out.choices[0].text == llm.tokenizer.decode(reference[0])
+
+
+def test_profile_and_tune_time_the_all_reduces(monkeypatch, tmp_path):
+    """Under TP the profiler times the all-reduces in a real 2-rank group (solo per row count, and beside a GEMM:
+    the network R -> P table), and tune plans with them: its choice is predicted (running a candidate needs every
+    rank) and stored where `--plan auto` of a TP engine finds it."""
+    from nanoflow.flow.plan import validate
+    from nanoflow.models.loader import ModelSource, build_model
+    from nanoflow.tune.profile import load_or_profile
+    from nanoflow.tune.search import tensor_parallel_plan_path, tune
+    from nanoflow.kernels import cpu_ext
+    cpu_ext.get()  # loaded from the usual cache dir first: the temporary one below would rebuild the kernels
+    monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))
+    cfg = TINY
+    model = build_model(ModelSource("dummy", "tiny"), cfg, torch.float32, shard=TPShard.of(cfg, 0, 2))
+    grid = dict(tile=32, min_time=0.002, window=0.02)
+    prof, _ = load_or_profile(model, 64, **grid)
+    assert set(prof.solo["attn_all_reduce"]["1.000"]) == {"32", "64"}
+    assert "network" in prof.rp and any(c["other_kind"] == "network" for c in prof.coruns)
+    plan, decision = tune(model, 64, time_limit=2, max_nano=2, **grid)
+    assert "predicted from the profile" in decision
+    validate(plan, model.operations())
+    assert os.path.exists(tensor_parallel_plan_path(cfg, torch.float32, "cpu", 64, 2))

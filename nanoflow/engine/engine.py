@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -78,7 +78,7 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or kv_cache_blocks(
             self.model_config, self.dtype, config.block_size, config.kv_cache_gb, config.tensor_parallel_size)
         self.tp_workers, tp_group = self._start_tensor_parallel(num_blocks)
-        runner = build_runner(config, self.model_config, num_blocks, tp_group)
+        runner = build_runner(self.config, self.model_config, num_blocks, tp_group)
         if tp_group is not None:
             tp_group.barrier()  # every rank built its shard (a worker that failed to has exited: this raises)
         self.scheduler = Scheduler(SchedulerConfig(
@@ -105,9 +105,11 @@ class LLMEngine:
         self._finalizer = None
         if self.config.tensor_parallel_size == 1:
             return None, None
-        if self.config.plan == "auto":
-            raise ValueError("--plan auto profiles one device; give a plan file or a built-in plan with "
-                             "tensor_parallel_size > 1")
+        if self.config.plan == "auto":  # every rank loads the stored plan (tuning needs all ranks)
+            from nanoflow.tune.search import tensor_parallel_plan_path
+            self.config = replace(self.config, plan=tensor_parallel_plan_path(
+                self.model_config, self.dtype, self.config.device, self.config.dense_batch,
+                self.config.tensor_parallel_size))
         from nanoflow.distributed.launch import start_tensor_parallel
         workers, group = start_tensor_parallel(self.config, self.model_config, num_blocks)
         if group is None:  # this node (or torchrun rank) only served steps, and rank 0 has shut down

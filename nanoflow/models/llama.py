@@ -108,13 +108,14 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings; vocabulary-parallel under TP: each rank looks up the ids in its rows, zeros for
         the rest, and the all-reduce sums one non-zero row per token (exact in any dtype)."""
-        if self.tp is None:
+        if self.shard is None:
             return self.embed_tokens(input_ids)
         lo, hi = self.vocab
         inside = (input_ids >= lo) & (input_ids < hi)
         x = self.embed_tokens((input_ids - lo).clamp(0, hi - lo - 1))
         x.masked_fill_(~inside.unsqueeze(1), 0)
-        self.tp.all_reduce_(x)
+        if self.tp is not None:  # (a shard without its group: the profiler times rank 0's operations alone)
+            self.tp.all_reduce_(x)
         return x
 
     def prepack_linears(self, m_hint: int) -> None:

@@ -21,6 +21,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=float, default=0.3, help="seconds per co-run")
     p.add_argument("--refresh", action="store_true", help="re-measure even if a stored profile exists")
     p.add_argument("--out", default=None, help="also write the result (JSON) here")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="profile / tune rank 0's shard, with all-reduces timed over this many ranks on this machine")
 
 
 def add_profile_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +44,11 @@ def load_model(args):
     device = resolve_device(args.device or "auto")  # the engine's rule and errors
     src = resolve_model(args.model)
     cfg = load_config(src)
-    return build_model(src, cfg, parse_dtype(args.dtype, device), device=torch.device(device))
+    shard = None
+    if args.tensor_parallel_size > 1:
+        from nanoflow.distributed.shard import TPShard
+        shard = TPShard.of(cfg, 0, args.tensor_parallel_size)
+    return build_model(src, cfg, parse_dtype(args.dtype, device), device=torch.device(device), shard=shard)
 
 
 def _grid(args) -> dict:

@@ -85,6 +85,11 @@ def profile_key(cfg, dtype: torch.dtype, device: torch.device, **grid) -> dict:
     return {"model": shape, "device": device_tag(device), "dtype": str(dtype).replace("torch.", ""), **grid}
 
 
+def tp_key(model) -> dict:
+    """Part of a profile/plan key: the tensor-parallel size where there is one (single-device keys unchanged)."""
+    return {"tp_size": model.tp_size} if model.tp_size > 1 else {}
+
+
 def cache_path(kind: str, key: dict) -> str:
     """~/.cache/nanoflow/<kind>/<hash of key>.json (kind: profiles or plans; NANOFLOW_CACHE_DIR moves it)."""
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -160,7 +165,7 @@ def run_profile(model, dense_batch: int, num_decode: int | None = None, context_
     ids, pos, meta, kv = synthetic_step(model, dense_batch, num_decode, context_len, num_layers=1)
     with torch.inference_mode():
         state = StepState(model, ids, pos, meta, kv, split=True)
-        ops = [o.name for o in model.operations()]
+        ops = [o.name for o in model.operations() if o.kind != "network"]  # network: netprofile.py
         for op in ops:  # fill every buffer once so each op finds real inputs
             run_op(model, 0, op, state, 0, dense_batch)
     gpu = dev.type == "cuda"
@@ -171,9 +176,12 @@ def run_profile(model, dense_batch: int, num_decode: int | None = None, context_
     else:
         from nanoflow.tune import measure
         all_cores = sorted(os.sched_getaffinity(0))
+        if model.tp_size > 1:  # rank 0 of a tensor-parallel engine owns its block of the cores only
+            from nanoflow.distributed.launch import rank_cores
+            all_cores = rank_cores(0, model.tp_size)
         shares = measure.cpu_shares(len(all_cores))
     key = profile_key(model.cfg, dtype, dev, dense_batch=dense_batch, tile=tile, num_decode=num_decode,
-                      context_len=context_len)
+                      context_len=context_len, **tp_key(model))
     solo: dict[str, dict[str, dict[str, float]]] = {op: {} for op in ops}
     grid_of = {op: token_grid(num_decode if ROW_KIND.get(op) == "decode" else
                               dense_batch - num_decode if ROW_KIND.get(op) == "prefill" else dense_batch, tile)
@@ -199,8 +207,13 @@ def run_profile(model, dense_batch: int, num_decode: int | None = None, context_
         for op, t in res.items():
             solo[op][_share_key(share)] = t
         log(f"profile: solo timings at share {share:.2f} done ({time.perf_counter() - t_begin:.1f}s)")
+    coruns = []
+    if model.tp_size > 1:
+        from nanoflow.tune.netprofile import profile_network_ops
+        coruns = profile_network_ops(model, call, solo, shares, token_grid(dense_batch, tile), all_cores, _share_key)
+        log(f"profile: all-reduces over {model.tp_size} ranks done ({time.perf_counter() - t_begin:.1f}s)")
     prof = Profile(key, tile, dense_batch, num_decode, context_len, shares, solo)
-    prof.coruns = [asdict(c) for c in _coruns(model, state, prof, call, window, gpu)]
+    prof.coruns = [asdict(c) for c in _coruns(model, state, prof, call, window, gpu) + coruns]
     prof.rp = rp_tables([CoRun(**c) for c in prof.coruns])
     prof.seconds = round(time.perf_counter() - t_begin, 2)
     log(f"profile: {len(prof.coruns)} co-runs, done in {prof.seconds:.1f}s")
@@ -251,7 +264,7 @@ def load_or_profile(model, dense_batch: int, refresh: bool = False, log=print, *
     dtype = next(model.parameters()).dtype
     g = {"tile": grid.get("tile") or default_tile(dev), "num_decode": grid.get("num_decode", dense_batch // 2),
          "context_len": grid.get("context_len", 256)}
-    path = cache_path("profiles", profile_key(model.cfg, dtype, dev, dense_batch=dense_batch, **g))
+    path = cache_path("profiles", profile_key(model.cfg, dtype, dev, dense_batch=dense_batch, **tp_key(model), **g))
     if not refresh and os.path.exists(path):
         log(f"profile: reusing {path}")
         return Profile.load(path), path

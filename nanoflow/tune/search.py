@@ -18,7 +18,7 @@ from nanoflow.flow.executor import make_executor
 from nanoflow.flow.ops import layer_operations
 from nanoflow.flow.plan import _CONTEXT_READERS, Plan, Unit, _hazard, sequential_plan, validate
 from nanoflow.tune.milp import OpSpec, Problem, Schedule, search_structure, stage2
-from nanoflow.tune.profile import ROW_KIND, Profile, cache_path, load_or_profile, profile_key, synthetic_step
+from nanoflow.tune.profile import ROW_KIND, Profile, cache_path, load_or_profile, profile_key, synthetic_step, tp_key
 
 UNIT_KINDS = {"compute": ["compute", "other"], "memory": ["memory"], "network": ["network"]}
 
@@ -33,39 +33,39 @@ class Candidate:
     cpu_s: float = float("nan")  # process CPU-seconds per layer (fastest round)
 
 
-def op_specs(cfg=None) -> list[OpSpec]:
+def op_specs(tp_size: int = 1) -> list[OpSpec]:
     """The layer's operations for the MILP, with dependencies from the buffers they share (plan.py's rule)."""
-    ops = layer_operations()
+    ops = layer_operations(tp_size)
     return [OpSpec(b.name, b.kind, tuple(a.name for a in ops[:j] if _hazard(a, b, True)),
                    ROW_KIND.get(b.name, "all"), b.name in _CONTEXT_READERS) for j, b in enumerate(ops)]
 
 
 def make_problem(prof: Profile, cfg=None, layers: int = 2, time_limit: float = 20.0,
                  shares: tuple[float, ...] | None = None) -> Problem:
-    return Problem(op_specs(cfg), prof.dense_batch, prof.num_decode, prof.duration, tile=prof.tile, layers=layers,
+    return Problem(op_specs(prof.key.get("tp_size", 1)), prof.dense_batch, prof.num_decode, prof.duration, tile=prof.tile, layers=layers,
                    rp=prof.rp, shares=tuple(shares or prof.shares), time_limit=time_limit)
 
 
-def plan_from_schedule(s: Schedule, cfg, dense_batch: int, name: str) -> Plan:
+def plan_from_schedule(s: Schedule, cfg, dense_batch: int, name: str, tp_size: int = 1) -> Plan:
     """Layer 0's per-unit start order becomes the plan's issue order; the cut is common to all ops."""
     if s.num_nano == 1 and len([u for u, seq in s.order.items() if seq]) <= 1:
-        return sequential_plan(dense_batch)
+        return sequential_plan(dense_batch, tp_size)
     units = [Unit(u, UNIT_KINDS[u], round(min(1.0, s.shares.get(u, 1.0)), 3)) for u in sorted(s.order)]
     order = {u: [f"{op}#{i}" for (layer, op, i) in seq if layer == 0] for u, seq in s.order.items()}
-    plan = Plan(dense_batch, units, {o.name: list(s.splits) for o in layer_operations()}, order,
+    plan = Plan(dense_batch, units, {o.name: list(s.splits) for o in layer_operations(tp_size)}, order,
                 cross_layer=s.cross_layer(), meta={"name": name, "predicted_layer_s": s.makespan})
-    validate(plan, layer_operations())
+    validate(plan, layer_operations(tp_size))
     return plan
 
 
 def candidates(prof: Profile, cfg, layers: int = 2, max_nano: int = 3, time_limit: float = 20.0,
                log=print) -> list[Candidate]:
     """sequential, plus per nano-batch count the Stage-II plan (overlapped) and its splits on one unit."""
-    p = make_problem(prof, cfg, layers, time_limit)
+    p, tp = make_problem(prof, cfg, layers, time_limit), prof.key.get("tp_size", 1)
     t0 = time.perf_counter()
     structures = search_structure(p, max_nano=max_nano)
     seq_time = structures[0].makespan / layers
-    out = [Candidate("sequential", "sequential", sequential_plan(prof.dense_batch), seq_time)]
+    out = [Candidate("sequential", "sequential", sequential_plan(prof.dense_batch, tp), seq_time)]
     for s1 in structures[1:]:
         s2 = stage2(p, s1)
         log(f"tune: N={s1.num_nano} cut {s1.splits}: Stage I {1e3 * s1.makespan / layers:.2f} ms/layer, "
@@ -78,14 +78,15 @@ def candidates(prof: Profile, cfg, layers: int = 2, max_nano: int = 3, time_limi
             log(f"tune: N={s1.num_nano} Stage II with per-nano-op shares (paper's form): "
                 f"{1e3 * bound.makespan / layers:.2f} ms/layer")
         name = f"milp-{s1.num_nano}"
-        plan = plan_from_schedule(s2, cfg, prof.dense_batch, name)
+        plan = plan_from_schedule(s2, cfg, prof.dense_batch, name, tp)
         if sum(s2.shares.values()) <= 1 + 1e-9:  # Stage II overlaps units: the pipelined plan
             out.append(Candidate(f"{name} overlap {s2.shares}", "overlap", plan, s2.makespan / layers))
         else:  # Stage II found overlap not worth its interference; still measure Stage I's pipeline, even shares
             even = {u: round(1 / len(s1.order), 3) for u in s1.order}
             s1.shares = even
             out.append(Candidate(f"{name} stage-I overlap {even}", "overlap",
-                                 plan_from_schedule(s1, cfg, prof.dense_batch, f"{name}-stage1"), s1.makespan / layers))
+                                 plan_from_schedule(s1, cfg, prof.dense_batch, f"{name}-stage1", tp),
+                                 s1.makespan / layers))
         nb_time = sum(s1.durations.values()) / layers  # the same nano-ops back to back
         out.append(Candidate(f"{name} nanobatch", "nanobatch", plan, nb_time))
     log(f"tune: MILPs solved in {time.perf_counter() - t0:.1f}s")
@@ -157,7 +158,7 @@ def confirm(best: Candidate, seq: Candidate, model, prof: Profile, rounds: int, 
 
 
 def plan_key(model, dense_batch: int, device: torch.device) -> dict:
-    return profile_key(model.cfg, next(model.parameters()).dtype, device, dense_batch=dense_batch)
+    return profile_key(model.cfg, next(model.parameters()).dtype, device, dense_batch=dense_batch, **tp_key(model))
 
 
 def tune(model, dense_batch: int, out: str | None = None, refresh: bool = False, layers: int = 2,
@@ -168,9 +169,15 @@ def tune(model, dense_batch: int, out: str | None = None, refresh: bool = False,
     device = next(model.parameters()).device
     prof, ppath = load_or_profile(model, dense_batch, refresh=refresh, log=log, **grid)
     cands = candidates(prof, model.cfg, layers, max_nano, time_limit, log=log)
-    measure(cands, model, prof, rounds, measure_layers, log=log)
-    best, decision = choose(cands)
-    if best.executor != "sequential":
+    if model.tp_size > 1:  # running a candidate needs every rank: choose on the profile-based prediction
+        for c in cands:
+            c.measured_s = c.predicted_s
+        best, decision = choose(cands)
+        decision += f" [tensor parallel ({model.tp_size} ranks): predicted from the profile, not measured]"
+    else:
+        measure(cands, model, prof, rounds, measure_layers, log=log)
+        best, decision = choose(cands)
+    if best.executor != "sequential" and model.tp_size == 1:
         seq = cands[0]
         if not confirm(best, seq, model, prof, rounds, measure_layers, log=log):
             best, decision = seq, f"overlap does not pay on this hardware: {best.name} did not repeat its win " \
@@ -206,3 +213,17 @@ def auto_plan(model, dense_batch: int, device) -> Plan:
     print(f"nanoflow: no tuned plan for this model/dtype/dense batch/device yet; running `nanoflow tune` once "
           f"(cached at {path})")
     return tune(model, dense_batch)[0]
+
+
+def tensor_parallel_plan_path(cfg, dtype: torch.dtype, device, dense_batch: int, tp_size: int) -> str:
+    """`--plan auto` under tensor parallelism: the plan `nanoflow tune --tensor-parallel-size N` stored (keyed by
+    rank 0's shard, the rank it profiles); every rank loads the same file. Tuning needs every rank, so the engine
+    does not tune on its own: a missing plan is an error saying what to run."""
+    from nanoflow.distributed.shard import TPShard
+    local = TPShard.of(cfg, 0, tp_size).local_config(cfg)
+    path = cache_path("plans", profile_key(local, dtype, torch.device(device), dense_batch=dense_batch,
+                                           tp_size=tp_size))
+    if not os.path.exists(path):
+        raise ValueError(f"--plan auto with tensor_parallel_size {tp_size}: no tuned plan yet; run `nanoflow tune "
+                         f"--tensor-parallel-size {tp_size} --dense-batch {dense_batch}` with this model and dtype")
+    return path
