@@ -121,6 +121,29 @@ def metrics(url: str) -> dict:
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^nanoflow:(\w+) ([0-9.e+-]+)$", text, re.M)}
 
 
+def wait_ready(url: str, server: subprocess.Popen) -> None:
+    """Until /health answers 200 (the server warms its kernels up before it listens)."""
+    while True:
+        if server.poll() is not None:
+            raise SystemExit("server exited during start-up")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(1)
+
+
+def wait_idle(url: str, timeout: float) -> dict:
+    """Poll /metrics (bounded) until nothing runs and the KV pool is full; returns the last metrics."""
+    deadline = time.time() + timeout
+    while True:
+        m = metrics(url)
+        if (m["kv_cache_free_blocks"] == m["kv_cache_total_blocks"] and m["num_requests_running"] == 0
+                and m.get("num_requests_waiting", 0) == 0) or time.time() > deadline:
+            return m
+        time.sleep(0.5)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=float, default=240.0, help="seconds of load")
@@ -144,14 +167,7 @@ def main() -> int:
 
 
 def run(url: str, server: subprocess.Popen, args) -> int:
-    while True:
-        if server.poll() is not None:
-            raise SystemExit("server exited during start-up")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
+    wait_ready(url, server)
     soak, proc = Soak(url, args), psutil.Process(server.pid)
     with httpx.Client(base_url=url, timeout=300) as client:
         soak.reference(client)
@@ -166,12 +182,7 @@ def run(url: str, server: subprocess.Popen, args) -> int:
         time.sleep(5)
         rss_samples.append(proc.memory_info().rss)
     elapsed = time.time() - start
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        m = metrics(url)
-        if m["kv_cache_free_blocks"] == m["kv_cache_total_blocks"] and m["num_requests_running"] == 0:
-            break
-        time.sleep(0.5)
+    m = wait_idle(url, 60)
     rss_end = proc.memory_info().rss
     fivexx = sum(n for s, n in soak.status.items() if s >= 500)
     report = {
@@ -186,10 +197,15 @@ def run(url: str, server: subprocess.Popen, args) -> int:
     }
     report["ok"] = (fivexx == 0 and not soak.mismatches
                     and report["kv_free_blocks"] == report["kv_total_blocks"])
+    return write_report(report, args.json)
+
+
+def write_report(report: dict, path: str | None) -> int:
+    """Print the report, write it to `path` if given; the exit status says whether it is ok."""
     print(json.dumps(report, indent=2))
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as fh:
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as fh:
             json.dump(report, fh, indent=2)
     return 0 if report["ok"] else 1
 
