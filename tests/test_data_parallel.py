@@ -74,6 +74,24 @@ def test_run_batch_on_replicas(dp, expected, tmp_path):
     assert texts == {f"r{i}": expected[i] for i in range(4)}
 
 
+def test_serve_on_replicas(dp, expected):
+    import httpx
+
+    from nanoflow.server.app import ServerThread, build_app
+    app = build_app(dp.engine, ["default"])
+    with ServerThread(app) as url:
+        body = {"prompt": PROMPTS[:3], "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
+        assert [c["text"] for c in r["choices"]] == expected[:3]
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "prompt": PROMPTS[3], "stream": True},
+                          timeout=120) as s:
+            chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == expected[3]
+        assert httpx.get(f"{url}/metrics").status_code == 200  # gauges read the replicas' snapshots
+    app.state.async_engine.shutdown()
+    assert not dp.engine.has_unfinished_requests()
+
+
 def test_killed_replica_loses_nothing(dp, expected):
     """Last in the file: it leaves the fixture with one replica."""
     it = dp.generate_iter(PROMPTS, GREEDY, use_tqdm=False)

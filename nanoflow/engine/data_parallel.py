@@ -55,6 +55,7 @@ class Replica:
     alive: bool = True
     load: int = 0  # outstanding tokens
     stats: object = None
+    snapshot: object = None  # dp_worker.ReplicaSnapshot: its queue and pool at its latest step
     sent: int = 0  # commands sent
     acked: int = 0  # commands the replica had applied at its latest step
 
@@ -65,6 +66,7 @@ class _Outstanding:
     tokens: int
     key: bytes | None
     replica: int = -1
+    streamed: bool = False  # partial outputs went out (serve): a re-run would repeat them
 
 
 class DataParallelEngine:
@@ -104,7 +106,7 @@ class DataParallelEngine:
         self.max_model_len = info.max_model_len
         sc = SchedulerConfig(max_model_len=info.max_model_len, block_size=info.block_size,
                              num_blocks=info.num_blocks, max_num_seqs=info.max_num_seqs)
-        self.scheduler = SimpleNamespace(config=sc)  # read-only view for OpenAIServing
+        self.scheduler = _SchedulerView(sc, self.replicas)  # read-only, for OpenAIServing and the server metrics
         self._checker = Scheduler(sc)  # the replicas' own fit check, run here so a bad request fails at once
 
     def _wait_ready(self, r: Replica) -> w.ReplicaInfo | None:
@@ -234,19 +236,22 @@ class DataParallelEngine:
 
     def _receive(self, r: Replica, msg) -> None:
         if isinstance(msg, w.StepDone):
-            r.stats, r.acked = msg.stats, msg.applied
-            for out in msg.finished:
+            r.stats, r.acked, r.snapshot = msg.stats, msg.applied, msg.snapshot
+            for out in msg.outputs:
                 o = self._outstanding.get(out.request_id)
-                if o is not None and o.replica == r.rank:  # (aborted ones are no longer outstanding)
+                if o is None or o.replica != r.rank:  # aborted meanwhile
+                    continue
+                if out.finished:
                     del self._outstanding[out.request_id]
                     r.load -= o.tokens
-                    self._finished.append(out)
+                else:
+                    o.streamed = True
+                self._finished.append(out)
         elif isinstance(msg, w.Rejected) and msg.request_id in self._outstanding:
             o = self._outstanding.pop(msg.request_id)
             r.load -= o.tokens
             log.error("replica %d rejected request %s: %s", r.rank, msg.request_id, msg.message)
-            self._finished.append(RequestOutput(msg.request_id, o.msg.prompt, o.msg.prompt_token_ids,
-                                                [CompletionOutput(0, "", [], "abort")], finished=True))
+            self._finished.append(_aborted(o.msg))
 
     def _died(self, r: Replica) -> None:
         """Report the replica and re-run its unfinished requests on the others."""
@@ -258,4 +263,42 @@ class DataParallelEngine:
         log.warning("data-parallel replica %d (pid %s) died (exit code %s); re-running its %d unfinished "
                     "requests on the others", r.rank, r.process.pid, r.process.exitcode, len(todo))
         for o in todo:
-            self._send(o)
+            if o.streamed:  # its first tokens are already out: end it rather than send them twice
+                del self._outstanding[o.msg.request_id]
+                self._finished.append(_aborted(o.msg))
+            else:
+                self._send(o)
+
+
+def _aborted(msg: w.AddRequest) -> RequestOutput:
+    return RequestOutput(msg.request_id, msg.prompt, msg.prompt_token_ids, [CompletionOutput(0, "", [], "abort")],
+                         finished=True)
+
+
+class _SchedulerView:
+    """What readers of `engine.scheduler` use (the config; the server's gauges), summed over the replicas'
+    latest snapshots."""
+
+    def __init__(self, config: SchedulerConfig, replicas: list[Replica]) -> None:
+        self.config, self._replicas = config, replicas
+
+    def _sum(self, name: str) -> int:
+        return sum(getattr(r.snapshot, name) for r in self._replicas if r.alive and r.snapshot is not None)
+
+    @property
+    def waiting(self) -> range:  # (only its length is read)
+        return range(self._sum("num_waiting"))
+
+    @property
+    def running(self) -> range:
+        return range(self._sum("num_running"))
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(r.snapshot.num_preemptions for r in self._replicas if r.snapshot is not None)
+
+    @property
+    def block_manager(self):
+        total = self.config.num_blocks * max(1, sum(r.alive for r in self._replicas))
+        free = self._sum("num_free_blocks") if any(r.snapshot for r in self._replicas) else total
+        return SimpleNamespace(num_blocks=total, num_free_blocks=free, usage=1.0 - free / total)

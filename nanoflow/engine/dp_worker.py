@@ -52,13 +52,24 @@ class Ready:
 
 
 @dataclass
+class ReplicaSnapshot:
+    """The replica's queue and KV pool after a step (the server's gauges)."""
+    num_waiting: int
+    num_running: int
+    num_free_blocks: int
+    num_preemptions: int
+
+
+@dataclass
 class StepDone:
-    """Sent after every step (or after commands that left it idle): the requests it finished, the replica's
-    running totals and how many commands it had applied (the parent's step() waits for its own)."""
+    """Sent after every step (or after commands that left it idle): the step's outputs (finished ones only,
+    unless a request asked for cumulative outputs: serve streams them), the replica's running totals and how
+    many commands it had applied (the parent's step() waits for its own)."""
     rank: int
-    finished: list[RequestOutput]
+    outputs: list[RequestOutput]
     stats: object  # engine.StepStats
     applied: int
+    snapshot: ReplicaSnapshot
 
 
 @dataclass
@@ -111,10 +122,15 @@ def replica_main(rank: int, config: EngineConfig, cores: list[int], commands, re
             _apply(engine, msg, results)
         applied += len(msgs)
         if engine.has_unfinished_requests():
-            finished = [o for o in engine.step() if o.finished]
-            results.send(StepDone(rank, finished, engine.stats, applied))
+            outputs = engine.step()
+            results.send(StepDone(rank, outputs, engine.stats, applied, _snapshot(engine)))
         elif msgs:
-            results.send(StepDone(rank, [], engine.stats, applied))
+            results.send(StepDone(rank, [], engine.stats, applied, _snapshot(engine)))
+
+
+def _snapshot(engine) -> ReplicaSnapshot:
+    s = engine.scheduler
+    return ReplicaSnapshot(len(s.waiting), len(s.running), s.block_manager.num_free_blocks, s.num_preemptions)
 
 
 def _apply(engine, msg, results) -> None:

@@ -23,15 +23,18 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from nanoflow.config import engine_config_from_args
-    from nanoflow.engine.engine import LLMEngine
+    from nanoflow.engine.data_parallel import make_engine
     from nanoflow.server.app import build_app
     if args.max_waiting < 1:
         raise ValueError("--max-waiting must be at least 1")
     from nanoflow.server.lifecycle import GracefulServer
     if args.max_request_body_bytes < 1:
         raise ValueError("--max-request-body-bytes must be at least 1")
-    engine = LLMEngine(engine_config_from_args(args))
+    engine = make_engine(engine_config_from_args(args))  # --data-parallel-size N: N replica processes
     app = build_app(engine, args.served_model_name, args.max_waiting, args.max_request_body_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
-    GracefulServer(config, app, args.shutdown_timeout).run()
+    try:
+        GracefulServer(config, app, args.shutdown_timeout).run()
+    finally:
+        engine.shutdown()
     return 0
