@@ -171,17 +171,19 @@ def test_echo_logprobs_prompt_forms_and_n(server, client):
         assert r.usage.prompt_tokens * 2 == len(ids) * len(r.choices) and r.usage.completion_tokens == 4 * len(r.choices)
 
 
-def test_echo_logprobs_streamed(server, client):
-    chunks = list(client.completions.create(model="default", prompt=PROMPT, max_tokens=4, temperature=0, echo=True,
-                                            logprobs=2, stream=True))
-    text, tokens, lps, tops, offsets = "", [], [], [], []
-    for ch in chunks:
-        for c in ch.choices:
+@pytest.mark.parametrize("prompt_form", ["text", "ids"])
+def test_echo_logprobs_streamed(server, client, prompt_form):
+    prompt = PROMPT if prompt_form == "text" else server["echo_ref"].prompt_token_ids
+    chunks = list(client.completions.create(model="default", prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                            logprobs=2, n=2, stream=True))
+    for index in (0, 1):
+        text, tokens, lps, tops, offsets = "", [], [], [], []
+        for c in (c for ch in chunks for c in ch.choices if c.index == index):
             text += c.text
             if c.logprobs:
                 tokens += c.logprobs.tokens
                 lps += c.logprobs.token_logprobs
                 tops += c.logprobs.top_logprobs
                 offsets += c.logprobs.text_offset
-    lp = type("LP", (), {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
-    _check_echo(server, lp, text)
+        lp = type("LP", (), {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+        _check_echo(server, lp, text)
