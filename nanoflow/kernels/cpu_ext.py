@@ -94,7 +94,10 @@ def build_dir() -> str:
     for f in _SOURCES:
         with open(f, "rb") as fh:
             h.update(fh.read())
-    h.update(" ".join(_CFLAGS + _LDFLAGS + [sys.prefix, sys.version, platform.machine(), _cpu_flags()]).encode())
+    # The sources' directory too: ninja rebuilds when a source path changes, so two checkouts sharing one
+    # environment (a copy of the tree running benchmarks) would otherwise rebuild each other's kernels in turn.
+    h.update(" ".join(_CFLAGS + _LDFLAGS + [sys.prefix, sys.version, platform.machine(), _cpu_flags(),
+                                            os.path.dirname(os.path.abspath(_SOURCES[0]))]).encode())
     tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-{h.hexdigest()[:16]}"
     return os.path.join(cache_dir("cpp"), tag.replace("+", "_"))
 
