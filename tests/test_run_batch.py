@@ -56,6 +56,8 @@ def test_window_groups_by_prefix_and_keeps_fifo_between_groups():
     order = [w.pop() for _ in range(len(w))]
     assert [i for i, _ in order] == ["a1", "a2", "a3", "b1", "b2", "c1"]
     assert [i for i, leader in order if leader] == ["a1", "b1"]  # groups with followers start with a leader
+    w.push("a4", "A"), w.push("a5", "A")
+    assert w.pop() == ("a4", False)  # A's prefix was computed by its first leader: no second wait
     off = AdmissionWindow(grouping=False)
     for item, key in [("a1", "A"), ("b1", "B"), ("a2", "A")]:
         off.push(item, key)

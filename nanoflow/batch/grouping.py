@@ -5,7 +5,7 @@ computed once and then hit in the prefix cache, instead of being evicted by unre
 (the LRU cache alone loses it when the job has more distinct prefixes than the KV pool holds)."""
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Generic, Hashable, TypeVar
 
 from nanoflow.engine.block_manager import hash_block
@@ -33,6 +33,7 @@ class AdmissionWindow(Generic[T]):
         self._current: Hashable | None = None
         self._len = 0
         self._seq = 0
+        self._led: OrderedDict[Hashable, None] = OrderedDict()  # groups whose prefix a leader already computed
 
     def __len__(self) -> int:
         return self._len
@@ -54,7 +55,12 @@ class AdmissionWindow(Generic[T]):
                 self._arrival.popleft()
             self._current = self._arrival[0][0]
             group = self._groups[self._current]
-            leader = len(group) > 1
+            # Only a group's first run waits for its leader: later runs of the same prefix find it cached.
+            leader = len(group) > 1 and self._current not in self._led
+            if leader:
+                self._led[self._current] = None
+                if len(self._led) > 4096:
+                    self._led.popitem(last=False)
         entry = group.popleft()
         if not group:
             del self._groups[self._current]
