@@ -185,7 +185,8 @@ def make_executor(kind: str, plan, model, device=None, dense_batch: int = 256) -
     device = torch.device(device) if device is not None else next(model.parameters()).device
     p = resolve_plan(plan, kind, model, dense_batch, device)
     ex = OverlapExecutor(p, model, device) if kind == "overlap" else SingleUnitExecutor(p, model, kind)
-    if device.type == "cuda" and os.environ.get("NANOFLOW_CUDA_GRAPHS", "1") != "0":
+    # Not under tensor parallelism: capturing NCCL collectives in a graph needs more care than we can test here.
+    if device.type == "cuda" and model.tp_size == 1 and os.environ.get("NANOFLOW_CUDA_GRAPHS", "1") != "0":
         from nanoflow.flow.cuda_graphs import GraphedStep  # C2: whole step as one CUDA graph per step shape
         return GraphedStep(ex)
     return ex
