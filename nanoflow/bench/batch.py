@@ -60,8 +60,11 @@ def run(args: argparse.Namespace) -> int:
     lo, hi = (int(x) for x in args.prefix_len.split(","))
     requests = sample_shared_prefix(args.workload, args.num_requests, args.num_prefixes, (lo, hi),
                                     args.workload_seed, mc.vocab_size, max_len, args.max_input, args.max_output)
-    rows = [run_config(cfg, requests, grouping, int(dp))
-            for dp in args.dp_sizes.split(",") for grouping in (False, True)]
+    rows = []
+    for dp in args.dp_sizes.split(","):
+        for grouping in (False, True):
+            rows.append(run_config(cfg, requests, grouping, int(dp)))
+            print(rows[-1], flush=True)  # (a long run keeps what it measured)
     print(f"\nshared-prefix batch job: {len(requests)} requests, {args.num_prefixes} prefixes of {lo}-{hi} tokens, "
           f"user turns {args.workload} (<= {args.max_input}), outputs <= {args.max_output}, dtype {cfg['dtype']}")
     print(f"{'replicas':>8} {'grouping':>8} {'prefill computed':>17} {'prefix hits':>12} {'wall s':>8} "
