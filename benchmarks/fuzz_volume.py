@@ -12,7 +12,6 @@ import json
 import os
 import queue
 import random
-import subprocess
 import sys
 import threading
 import time
@@ -24,7 +23,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fuzz_schema import Case, cases  # noqa: E402
-from soak import PROMPTS, free_port, wait_idle, wait_ready, write_report  # noqa: E402
+from soak import PROMPTS, start_server, wait_idle, wait_ready, write_report  # noqa: E402
 
 
 class Fuzz:
@@ -215,10 +214,7 @@ def main() -> int:
     ap.add_argument("--serve-args", default="--max-model-len 64 --max-waiting 64", help="extra `nanoflow serve` args")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "nanoflow.cli", "serve", "--model", "default", "--dtype",
-                               args.dtype, "--port", str(port), "--log-level", "warning", *args.serve_args.split()])
+    url, server = start_server(args.dtype, args.serve_args)
     try:
         wait_ready(url, server)
         report = Fuzz(url, args.hang_timeout).run(args.requests, args.workers, args.disconnectors, args.seed, True,

@@ -121,6 +121,14 @@ def metrics(url: str) -> dict:
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^nanoflow:(\w+) ([0-9.e+-]+)$", text, re.M)}
 
 
+def start_server(dtype: str, serve_args: str) -> tuple[str, subprocess.Popen]:
+    """`nanoflow serve` with the default model on a free loopback port, in a subprocess (not waited for)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "nanoflow.cli", "serve", "--model", "default", "--dtype", dtype,
+           "--port", str(port), "--log-level", "warning", *serve_args.split()]
+    return f"http://127.0.0.1:{port}", subprocess.Popen(cmd)
+
+
 def wait_ready(url: str, server: subprocess.Popen) -> None:
     """Until /health answers 200 (the server warms its kernels up before it listens)."""
     while True:
@@ -154,11 +162,7 @@ def main() -> int:
     ap.add_argument("--serve-args", default="--max-model-len 512 --max-waiting 64", help="extra `nanoflow serve` args")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "nanoflow.cli", "serve", "--model", "default", "--dtype", args.dtype,
-           "--port", str(port), "--log-level", "warning", *args.serve_args.split()]
-    server = subprocess.Popen(cmd)
+    url, server = start_server(args.dtype, args.serve_args)
     try:
         return run(url, server, args)
     finally:
