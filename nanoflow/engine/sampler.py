@@ -76,8 +76,10 @@ class Sampler:
         """`input_ids` (the step's resolved input tokens) supplies the newest token of a row whose history
         ends in a token the engine has not read back yet (async scheduling)."""
         constrained = [i for i, r in enumerate(rows) if r.params._grammar is not None]
-        if not constrained and all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties
-                                   and not r.params.needs_logits_processing for r in rows):
+        if all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties
+               and not r.params.needs_logits_processing for r in rows):
+            if constrained:  # only the constrained rows leave the fast path
+                return self._greedy_constrained(logits, rows, constrained)
             return SampleResult(_argmax(logits), [None] * len(rows))  # the throughput-job path
         logits = logits.float()
         if constrained:  # first: logprobs and sampling see only what the grammar allows
@@ -102,6 +104,17 @@ class Sampler:
         # Advanced in this step (a host read of the tokens), so the next step's masks are ready.
         done = self._grammars.accept(rows, constrained, tokens.tolist()) if constrained else None
         return SampleResult(tokens, lps, grammar_done=done)
+
+    def _greedy_constrained(self, logits: torch.Tensor, rows: list[SampleRow], idx: list[int]) -> SampleResult:
+        """A greedy batch with grammar rows: bf16 argmax for all rows, then the masked float32 argmax of the
+        constrained ones (a float copy of the whole batch would cost more than the masks)."""
+        tokens = _argmax(logits)
+        at = _to(logits.device, idx)
+        sub = logits[at].float()
+        self._grammars.apply(sub, [rows[i] for i in idx], list(range(len(idx))))
+        tokens[at] = sub.argmax(dim=-1).to(tokens.dtype)
+        done = self._grammars.accept(rows, idx, tokens.tolist())
+        return SampleResult(tokens, [None] * len(rows), grammar_done=done)
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, rows: list[SampleRow], input_ids: torch.Tensor) -> None:
