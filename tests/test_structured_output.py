@@ -123,3 +123,11 @@ def test_unconstrained_rows_unaffected_and_fast_path_kept(monkeypatch):
     rows = [SampleRow(f"r{i}", SamplingParams(temperature=0)) for i in range(3)]
     res = s(torch.randn(3, 50), rows, torch.zeros(3, dtype=torch.long))
     assert calls == [1] and res.grammar_done is None and not s._grammars._matchers
+
+
+def test_grammar_end_finishes_even_with_ignore_eos(llm):
+    """The request ends when its grammar is complete, also when EOS itself would not end it."""
+    out = llm.generate(["Is the sky blue?"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                             structured_outputs=SO(choice=["yes", "no"])),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.text in ("yes", "no") and out.finish_reason == "stop" and len(out.token_ids) < 16
