@@ -103,11 +103,16 @@ def build_dir() -> str:
 
 
 def _cpu_flags() -> str:
+    """The instruction-set flags that -march=native depends on (not all of /proc/cpuinfo's: some of those
+    change at run time, and each change would cost a rebuild)."""
+    import re
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
+            line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         return ""
+    isa = re.compile(r"(avx|sse|ssse|fma|amx|bmi|f16c|vnni|vpclmul|vaes|gfni|adx|popcnt|movbe|abm|sha|aes|pclmul)")
+    return " ".join(sorted(w for w in line.split()[2:] if isa.match(w)))
 
 
 @contextlib.contextmanager
