@@ -207,15 +207,17 @@ class DataParallelEngine:
             raise RuntimeError("every data-parallel replica has died")
         least = min(live, key=lambda r: r.load)
         fav = self.replicas[self._affinity[o.key]] if o.key in self._affinity else None
-        # Affinity wins unless its replica is well ahead of the least loaded (then balance beats the cache hit).
-        chosen = fav if fav is not None and fav.alive and fav.load <= least.load + max(2048, least.load // 4) \
-            else least
-        if o.key is not None:
-            self._affinity[o.key] = chosen.rank
+        if fav is not None and fav.alive:
+            # Affinity wins unless its replica is well ahead of the least loaded (then balance beats the cache
+            # hit). The prefix stays with its first replica when one request spills: a grouped job sends a
+            # group at once, and moving the prefix on each spill had both replicas compute every prefix.
             self._affinity.move_to_end(o.key)
+            return fav if fav.load <= least.load + max(4096, least.load // 2) else least
+        if o.key is not None:
+            self._affinity[o.key] = least.rank
             if len(self._affinity) > AFFINITY_ENTRIES:
                 self._affinity.popitem(last=False)
-        return chosen
+        return least
 
     def _send(self, o: _Outstanding) -> None:
         while True:
