@@ -42,6 +42,8 @@ class Engine(Protocol):
 
     def step(self) -> list[RequestOutput]: ...
 
+    def has_unfinished_requests(self) -> bool: ...
+
 
 _ids = itertools.count()
 
@@ -71,6 +73,8 @@ def stream_outputs(engine: Engine, items: Iterable[BatchItem], *, lookahead: int
             _admit(engine, window, running, max_outstanding, on_reject)
             if not running:
                 if exhausted and not window:
+                    while engine.has_unfinished_requests():  # async: the last step in flight frees its KV
+                        engine.step()
                     return
                 continue
             for out in engine.step():
