@@ -12,7 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanoflow.distributed.shard import TPShard
+from nanoflow.distributed.shard import TPShard, even_ranges
 
 
 STARTUP_TIMEOUT_S = 900.0  # the ranks' rendezvous and the barrier after loading: processes start, weights load
@@ -56,7 +56,6 @@ class TPGroup:
         dist.gather(local, parts, dst=0, group=self.group)
         if self.rank != 0:
             return None
-        from nanoflow.distributed.shard import even_ranges
         return torch.cat([p[:, : b - a] for p, (a, b) in zip(parts, even_ranges(vocab_size, self.world_size))], 1)
 
     # ---- per-step messages (rank 0 -> workers) ----

@@ -13,7 +13,6 @@ after `distributed_timeout_s`; either way the step raises an error naming the ra
 from __future__ import annotations
 
 import ctypes
-import logging
 import multiprocessing as mp
 import os
 import signal
@@ -24,8 +23,6 @@ import torch
 
 from nanoflow.distributed.comm import TPGroup
 from nanoflow.distributed.shard import TPShard, even_ranges
-
-log = logging.getLogger(__name__)
 
 
 def torchrun_rank() -> int | None:
