@@ -10,7 +10,9 @@ from nanoflow.engine.kv_tiers import DiskTier, KVTiers
 PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 SYSTEM = ("You are a careful assistant. Answer briefly and precisely, never make up facts, and say so when "
           "you do not know. ")
-KW = dict(dtype="float32", block_size=8, num_kv_blocks=48)
+# No shared-prefix grouping: the preemption test needs the requests admitted together (grouped, the first one's
+# prefix would be cached before the others start and the pool would no longer overflow).
+KW = dict(dtype="float32", block_size=8, num_kv_blocks=48, prefix_grouping=False)
 
 
 @pytest.fixture(scope="module")
