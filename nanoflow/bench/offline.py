@@ -201,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
     peak, best = optimum(llm.model_config, llm.engine.dtype, llm.engine.config.dense_batch, args.peak_seconds, device)
     rows = [{"system": _ours_label(args, llm.engine.config.async_scheduling),
              **run_ours(llm, requests, args.profile)}]
+    if getattr(llm.engine, "tp_workers", None) is not None:
+        llm.engine.shutdown()  # one tensor-parallel engine per process: the next rows start their own
     rows += run_executors(args, requests)
     rows += run_tp_sizes(args, requests)
     if args.compare_async:

@@ -90,6 +90,10 @@ def start_tensor_parallel(config, model_config, num_blocks: int) -> tuple[TPWork
     than 0 it serves steps until rank 0 shuts down and returns (workers, None)."""
     world, per_node = config.tensor_parallel_size, config.tensor_parallel_size // config.nnodes
     device = torch.device(config.device)
+    import torch.distributed as dist
+    if dist.is_initialized():  # torch.distributed has one default group per process
+        raise ValueError("one tensor-parallel engine per process: shut the other one down first "
+                         "(LLMEngine.shutdown())")
     ctx = mp.get_context("spawn")
     workers = TPWorkers(errors=ctx.Queue())
     external = torchrun_rank()
