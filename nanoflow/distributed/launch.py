@@ -79,7 +79,8 @@ class TPWorkers:
             self.restore = None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -103,7 +104,7 @@ def start_tensor_parallel(config, model_config, num_blocks: int) -> tuple[TPWork
             return workers, None
         init, ranks = "env://", [0]
     else:
-        port = config.master_port or (_free_port() if config.nnodes == 1 else 29500)
+        port = config.master_port or (free_port() if config.nnodes == 1 else 29500)
         init, first = f"tcp://{config.master_addr}:{port}", config.node_rank * per_node
         ranks = list(range(first, first + per_node))
     for rank in ranks:

@@ -136,8 +136,9 @@ def overlap_plan(dense_batch: int, split: int | None = None, memory_share: float
 def nanobatch_plan(dense_batch: int, split: int | None = None, tp_size: int = 1) -> Plan:
     """The same splits on one unit (the paper's nano-batching-without-overlap ablation)."""
     p = overlap_plan(dense_batch, split, tp_size=tp_size)
-    after = {f"{gemm}#{i}": [f"{ar.name}#{i}"] for gemm, ar in ALL_REDUCES.items() for i in (0, 1)}
-    tail = [s for n in p.order["compute"][6:] for s in [n] + (after.get(n, []) if tp_size > 1 else [])]
+    after = {f"{gemm}#{i}": [f"{ar.name}#{i}"] for gemm, ar in ALL_REDUCES.items() for i in (0, 1)} \
+        if tp_size > 1 else {}
+    tail = [s for n in p.order["compute"][6:] for s in [n] + after.get(n, [])]
     order = p.order["compute"][:6] + p.order["memory"] + tail
     return Plan(dense_batch, [Unit("main", list(KINDS), 1.0)], p.nano_batches, {"main": order},
                 meta={"name": "nanobatch-2"})

@@ -9,7 +9,6 @@ each size by the wall time of `reps` calls.
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 import threading
 import time
 
@@ -42,12 +41,10 @@ class NetworkProfiler:
 
     def __init__(self, world: int, hidden: int, dtype: torch.dtype, grid: list[int], num_shares: int,
                  num_coruns: int, corun_rows: int) -> None:
-        from nanoflow.distributed.launch import rank_cores
+        from nanoflow.distributed.launch import free_port, rank_cores
         self.hidden, self.dtype = hidden, dtype
         self.schedule = _schedule(grid, num_shares, num_coruns, corun_rows)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        init = f"tcp://127.0.0.1:{free_port()}"
         ctx = mp.get_context("spawn")
         self.peers = [ctx.Process(target=_peer, daemon=True, args=(r, world, init, rank_cores(r, world), hidden,
                                                                   dtype, self.schedule)) for r in range(1, world)]
