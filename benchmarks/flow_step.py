@@ -61,7 +61,7 @@ def main() -> None:
 
     from nanoflow.flow.executor import make_executor
     from nanoflow.models.loader import build_model, load_config, parse_dtype, resolve_model
-    from nanoflow.tune.profile import synthetic_step
+    from nanoflow.autosearch.profile import synthetic_step
     src = resolve_model(args.model)
     model = build_model(src, load_config(src), parse_dtype(args.dtype))
     ids, pos, meta, kv = synthetic_step(model, args.dense_batch, args.num_decode, args.context)

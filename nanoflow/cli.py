@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nanoflow.bench import offline, online
     from nanoflow.server import launch
     from nanoflow import demo
-    from nanoflow.tune import roofline
+    from nanoflow.costmodel import roofline
     parser = argparse.ArgumentParser(prog="nanoflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("generate", help="complete one prompt (argument or stdin)")
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(p)
     trace.add_arguments(p)
     p.set_defaults(func=trace.run)
-    from nanoflow.tune import commands as tune_commands
+    from nanoflow.autosearch import commands as tune_commands
     p = sub.add_parser("profile", help="time every operation per token count and share; the R -> P table")
     tune_commands.add_profile_arguments(p)
     p.set_defaults(func=tune_commands.run_profile_cmd)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from nanoflow.models.config import ModelConfig, get_preset
-from nanoflow.tune import costmodel as cm
-from nanoflow.tune import roofline
-from nanoflow.tune.hardware import TABLE1, get_hardware
-from nanoflow.tune.peak import measure_gemm_peak, measure_mem_bandwidth
+from nanoflow.costmodel import analysis as cm
+from nanoflow.costmodel import roofline
+from nanoflow.costmodel.hardware import TABLE1, get_hardware
+from nanoflow.costmodel.peak import measure_gemm_peak, measure_mem_bandwidth
 
 A100 = get_hardware("A100-80GB")
 
@@ -247,9 +247,9 @@ def test_plan_simulation_orders_the_plans_and_bounds_the_paper():
     """70B on 8 x A100 (512/512): overlap hides the network and memory time the sequential plan adds up; the
     ideal-overlap prediction is an upper bound of the paper's measured numbers (1106 / 982 / 1323 tok/s/GPU)."""
     from nanoflow.models.config import get_preset
-    from nanoflow.tune.costmodel import op_breakdown
-    from nanoflow.tune.hardware import get_hardware
-    from nanoflow.tune.plansim import PAPER_70B, predict_plans
+    from nanoflow.costmodel.analysis import op_breakdown
+    from nanoflow.costmodel.hardware import get_hardware
+    from nanoflow.costmodel.plansim import PAPER_70B, predict_plans
     ops = op_breakdown(get_preset("llama-2-70b"), get_hardware("A100-80GB", 8), 2048, 512, 512)
     pred = {p.plan: p.tokens_per_s_per_device for p in predict_plans(ops, 2048, 8)}
     assert pred["overlap"] > pred["sequential"] >= pred["nanobatch"]

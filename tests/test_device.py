@@ -59,7 +59,7 @@ def test_cli_device_error_is_one_line(capsys, dev, msg):
 def test_optimum_measures_the_engines_device(monkeypatch):
     from nanoflow.bench import offline
     from nanoflow.models.config import get_preset
-    from nanoflow.tune import peak
+    from nanoflow.costmodel import peak
     seen = {}
     monkeypatch.setattr(peak, "measure_gemm_peak", lambda *a, **kw: seen.update(kw) or 1e12)
     offline.optimum(get_preset("smollm2-135m"), torch.float32, 64, 0.01, "cuda:0")

@@ -137,8 +137,8 @@ def test_profile_and_tune_time_the_all_reduces(monkeypatch, tmp_path):
     rank) and stored where `--plan auto` of a TP engine finds it."""
     from nanoflow.flow.plan import validate
     from nanoflow.models.loader import ModelSource, build_model
-    from nanoflow.tune.profile import load_or_profile
-    from nanoflow.tune.search import tensor_parallel_plan_path, tune
+    from nanoflow.autosearch.profile import load_or_profile
+    from nanoflow.autosearch.search import tensor_parallel_plan_path, tune
     from nanoflow.kernels import cpu_ext
     cpu_ext.get()  # loaded from the usual cache dir first: the temporary one below would rebuild the kernels
     monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))

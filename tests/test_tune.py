@@ -1,7 +1,7 @@
 """Auto-search (MILP stages), the R -> P reduction, profile storage, and `--plan auto` end to end."""
 import pytest
 
-from nanoflow.tune.milp import OpSpec, Problem, p_of, search_structure, split_candidates, stage1, stage2
+from nanoflow.autosearch.milp import OpSpec, Problem, p_of, search_structure, split_candidates, stage1, stage2
 
 CHAIN = [OpSpec("gemm", "compute"), OpSpec("attn", "memory", ("gemm",))]
 
@@ -75,13 +75,13 @@ def test_p_of_and_candidates():
 
 # ---- R -> P reduction
 def test_pareto_drops_dominated_pairs():
-    from nanoflow.tune.interference import pareto_frontier
+    from nanoflow.autosearch.interference import pareto_frontier
     pts = [(0.8, 0.3), (0.7, 0.25), (0.6, 0.6), (0.4, 0.8), (0.5, 0.5), (0.8, 0.2)]
     assert pareto_frontier(pts) == [(0.8, 0.3), (0.6, 0.6), (0.4, 0.8)]
 
 
 def test_rp_table_is_monotone_and_bounded():
-    from nanoflow.tune.interference import CoRun, rp_table, rp_tables
+    from nanoflow.autosearch.interference import CoRun, rp_table, rp_tables
     # the paper's example: giving up 0.2 of GEMM performance buys 0.3 of GEMV performance
     t = rp_table([(0.8, 0.3), (0.6, 0.6), (0.7, 0.1)])
     assert t[0] == 0.0 and t[-1] == 1.0 and t[2] == pytest.approx(0.3) and t[4] == pytest.approx(0.6)
@@ -101,7 +101,7 @@ FAST = dict(tile=16, min_time=0.0, window=0.02, context_len=40)
 
 
 def test_profile_round_trip_and_reuse(tmp_path, monkeypatch):
-    from nanoflow.tune import profile
+    from nanoflow.autosearch import profile
     monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))
     model = _tiny_model()
     prof, path = profile.load_or_profile(model, 32, log=lambda *a: None, **FAST)
@@ -117,7 +117,7 @@ def test_profile_round_trip_and_reuse(tmp_path, monkeypatch):
 
 def test_tune_plans_are_valid(tmp_path, monkeypatch):
     from nanoflow.flow.plan import Plan, validate
-    from nanoflow.tune.search import tune
+    from nanoflow.autosearch.search import tune
     monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))
     plan, decision = tune(_tiny_model(), 32, out=str(tmp_path / "plan.json"), rounds=1, measure_layers=1,
                           time_limit=5, max_nano=2, log=lambda *a: None, **FAST)
@@ -133,7 +133,7 @@ def test_plan_auto_tunes_once_and_keeps_greedy_tokens(tmp_path, monkeypatch):
     """`--plan auto` on the default model: a valid tuned plan, loaded from the cache, same greedy tokens."""
     from nanoflow import LLM, SamplingParams
     from nanoflow.flow.plan import validate
-    from nanoflow.tune import search
+    from nanoflow.autosearch import search
     monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))
     prompts = [[1, 504, 3458, 282, 4649, 314], [1, 19842, 253, 1345, 23051, 563, 260, 5887, 30]]
     greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -150,7 +150,7 @@ def test_plan_auto_tunes_once_and_keeps_greedy_tokens(tmp_path, monkeypatch):
 
 def test_choose_keeps_sequential_unless_the_gain_is_clear():
     from nanoflow.flow.plan import sequential_plan
-    from nanoflow.tune.search import Candidate, choose
+    from nanoflow.autosearch.search import Candidate, choose
     plan = sequential_plan(64)
 
     def cands(seq, other):
@@ -174,7 +174,7 @@ def test_cli_bad_options_are_clear_errors(argv, capsys):
 
 def _check_schedule(p, s, capacity: bool, eps=1e-6):
     """Dependencies hold, one unit never runs two nano-ops at once, and (Stage II) overlapping units fit."""
-    from nanoflow.tune.milp import UNIT_OF_KIND, _nano_deps
+    from nanoflow.autosearch.milp import UNIT_OF_KIND, _nano_deps
     kind = {o.name: o.kind for o in p.ops}
     end = {j: s.starts[j] + s.durations[j] for j in s.starts}
     for a, b in _nano_deps(p, s.num_nano):
@@ -191,7 +191,7 @@ def _check_schedule(p, s, capacity: bool, eps=1e-6):
 @pytest.mark.parametrize("seed", range(3))
 def test_random_layer_schedules_are_feasible(seed):
     import random
-    from nanoflow.tune.search import op_specs
+    from nanoflow.autosearch.search import op_specs
     rng = random.Random(seed)
     scale = {o.name: rng.uniform(0.1, 3.0) for o in op_specs()}
     p = Problem(op_specs(), dense_batch=64, num_decode=rng.choice([16, 32, 48]),

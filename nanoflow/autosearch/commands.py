@@ -65,8 +65,8 @@ def _grid(args) -> dict:
 
 
 def run_profile_cmd(args) -> int:
-    from nanoflow.tune.interference import format_table
-    from nanoflow.tune.profile import load_or_profile
+    from nanoflow.autosearch.interference import format_table
+    from nanoflow.autosearch.profile import load_or_profile
     grid = _grid(args)  # bad options fail before the model loads
     model = load_model(args)
     prof, path = load_or_profile(model, args.dense_batch, refresh=args.refresh, **grid)
@@ -85,7 +85,7 @@ def run_profile_cmd(args) -> int:
 
 
 def run_tune_cmd(args) -> int:
-    from nanoflow.tune.search import tune
+    from nanoflow.autosearch.search import tune
     grid = _grid(args)
     if args.max_nano < 1 or args.layers < 1 or args.rounds < 1 or args.measure_layers < 1 or args.time_limit <= 0:
         raise ValueError("--max-nano, --layers, --rounds and --measure-layers must be >= 1, --time-limit > 0")

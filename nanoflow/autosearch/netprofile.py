@@ -103,8 +103,8 @@ def profile_network_ops(model, call, solo: dict, shares: list[float], grid: list
                         share_key) -> list:
     """Fill `solo` for the model's network operations (per share and row count) and return the co-runs of
     gate_up beside an all-reduce (CoRun of kind network) on rank 0's `cores`."""
-    from nanoflow.tune import measure
-    from nanoflow.tune.interference import CoRun
+    from nanoflow.autosearch import measure
+    from nanoflow.autosearch.interference import CoRun
     ops = [o.name for o in model.operations() if o.kind == "network"]
     rows = min(grid, key=lambda r: abs(r - grid[-1] // 2))
     configs = [(cores[:k], cores[k:]) for k in range(1, len(cores))] + [(cores, cores), (cores, cores[:1])]

@@ -21,8 +21,8 @@ import torch
 
 from nanoflow.flow.ops import StepState, layer_operations, run_op
 from nanoflow.kernels.attention import AttentionMetadata, PrefillChunk
-from nanoflow.tune.interference import CoRun, rp_tables
-from nanoflow.tune.peak import cache_dir
+from nanoflow.autosearch.interference import CoRun, rp_tables
+from nanoflow.costmodel.peak import cache_dir
 
 ROW_KIND = {"decode_attn": "decode", "prefill_attn": "prefill"}  # rows an op works on within a range
 CORUN_PAIRS = [("gate_up", "decode_attn"), ("qkv", "decode_attn")]  # compute x memory (network: TP only)
@@ -170,11 +170,11 @@ def run_profile(model, dense_batch: int, num_decode: int | None = None, context_
             run_op(model, 0, op, state, 0, dense_batch)
     gpu = dev.type == "cuda"
     if gpu:
-        from nanoflow.tune import measure
+        from nanoflow.autosearch import measure
         total = torch.cuda.get_device_properties(dev).multi_processor_count
         shares = [c / total for c in measure.gpu_share_ladder(total)[::2]] + [1.0]
     else:
-        from nanoflow.tune import measure
+        from nanoflow.autosearch import measure
         all_cores = sorted(os.sched_getaffinity(0))
         if model.tp_size > 1:  # rank 0 of a tensor-parallel engine owns its block of the cores only
             from nanoflow.distributed.launch import rank_cores
@@ -209,7 +209,7 @@ def run_profile(model, dense_batch: int, num_decode: int | None = None, context_
         log(f"profile: solo timings at share {share:.2f} done ({time.perf_counter() - t_begin:.1f}s)")
     coruns = []
     if model.tp_size > 1:
-        from nanoflow.tune.netprofile import profile_network_ops
+        from nanoflow.autosearch.netprofile import profile_network_ops
         coruns = profile_network_ops(model, call, solo, shares, token_grid(dense_batch, tile), all_cores, _share_key)
         log(f"profile: all-reduces over {model.tp_size} ranks done ({time.perf_counter() - t_begin:.1f}s)")
     prof = Profile(key, tile, dense_batch, num_decode, context_len, shares, solo)
@@ -221,14 +221,14 @@ def run_profile(model, dense_batch: int, num_decode: int | None = None, context_
 
 
 def _time(fn, gpu: bool, min_time: float) -> float:
-    from nanoflow.tune.measure import time_fn
+    from nanoflow.autosearch.measure import time_fn
     return time_fn(fn, min_time, sync=torch.cuda.synchronize if gpu else (lambda: None))
 
 
 def _coruns(model, state, prof: Profile, call, window: float, gpu: bool) -> list[CoRun]:
     """Each (compute, memory) pair on a nano-batch: solo rates on the whole device, then side by side
     under every way of sharing it; R = compute's co-run rate / solo rate, P likewise for the memory op."""
-    from nanoflow.tune import measure
+    from nanoflow.autosearch import measure
     half, dec = prof.dense_batch // 2, max(1, prof.num_decode // 2)
     out = []
     for comp, mem in CORUN_PAIRS:
@@ -241,7 +241,7 @@ def _coruns(model, state, prof: Profile, call, window: float, gpu: bool) -> list
 
 
 def _corun_configs(fa, fb, window: float, gpu: bool):
-    from nanoflow.tune import measure
+    from nanoflow.autosearch import measure
     if gpu:  # NOT RUN: compute on n SMs, memory on the rest, for a ladder of n
         dev = torch.device("cuda", torch.cuda.current_device())
         total = torch.cuda.get_device_properties(dev).multi_processor_count

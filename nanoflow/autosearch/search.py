@@ -17,8 +17,8 @@ import torch
 from nanoflow.flow.executor import make_executor
 from nanoflow.flow.ops import layer_operations
 from nanoflow.flow.plan import _CONTEXT_READERS, Plan, Unit, _hazard, sequential_plan, validate
-from nanoflow.tune.milp import OpSpec, Problem, Schedule, search_structure, stage2
-from nanoflow.tune.profile import ROW_KIND, Profile, cache_path, load_or_profile, profile_key, synthetic_step, tp_key
+from nanoflow.autosearch.milp import OpSpec, Problem, Schedule, search_structure, stage2
+from nanoflow.autosearch.profile import ROW_KIND, Profile, cache_path, load_or_profile, profile_key, synthetic_step, tp_key
 
 UNIT_KINDS = {"compute": ["compute", "other"], "memory": ["memory"], "network": ["network"]}
 

@@ -133,8 +133,8 @@ def _maybe_profile(on: bool):
 
 
 def optimum(cfg, dtype, dense_batch: int, seconds: float, device: str = "cpu") -> tuple[float, float]:
-    from nanoflow.tune.costmodel import optimal_throughput
-    from nanoflow.tune.peak import measure_gemm_peak
+    from nanoflow.costmodel.analysis import optimal_throughput
+    from nanoflow.costmodel.peak import measure_gemm_peak
     # Re-measured every run (the cache keeps the best value seen, so a loaded run cannot lower it), on the
     # engine's device: on a GPU, % of optimal is against the GPU's GEMM peak.
     peak = measure_gemm_peak(cfg, dtype, dense_batch, seconds=seconds, refresh=True, device=device)

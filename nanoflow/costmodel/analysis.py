@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from nanoflow.models.config import ModelConfig, get_preset
-from nanoflow.tune.hardware import Hardware
+from nanoflow.costmodel.hardware import Hardware
 
 # --- Eq. 1-4 ----------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nanoflow.tune.costmodel import OpCost
+from nanoflow.costmodel.analysis import OpCost
 
 GEMMS = ("KQV", "O", "UG", "D", "LMHead")
 # The paper's measured LLaMA-2-70B, 8 x A100 numbers, tok/s/GPU: Fig. 9 ablation (sequential "non-overlap",

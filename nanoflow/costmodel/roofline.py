@@ -11,8 +11,8 @@ import os
 import sys
 
 from nanoflow.models.config import PRESETS, ModelConfig, get_preset
-from nanoflow.tune.costmodel import PAPER_MODELS, WORKLOADS, Roofline, analyze, classify
-from nanoflow.tune.hardware import TABLE1, Hardware, get_hardware
+from nanoflow.costmodel.analysis import PAPER_MODELS, WORKLOADS, Roofline, analyze, classify
+from nanoflow.costmodel.hardware import TABLE1, Hardware, get_hardware
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 MEASURED = ("cpu", "cuda")
@@ -87,7 +87,7 @@ def measured_hardware(kind: str, cfg: ModelConfig, dtype: str, m: int, seconds: 
     """This machine: GEMM peak at the model's shapes with M = m, copy bandwidth, memory size."""
     import torch
 
-    from nanoflow.tune.peak import measure_gemm_peak, measure_mem_bandwidth
+    from nanoflow.costmodel.peak import measure_gemm_peak, measure_mem_bandwidth
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--hardware cuda: no CUDA device available")
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
                      weight_params=weight_params)
     print_report(report, hw, args.dtype, measured)
     if args.plans:
-        from nanoflow.tune.plansim import PAPER_70B, predict_plans, print_predictions
+        from nanoflow.costmodel.plansim import PAPER_70B, predict_plans, print_predictions
         paper = PAPER_70B.get(f"{p:g}/{d:g}") if cfg.name == "llama-2-70b" and hw.num_devices == 8 else None
         print_predictions(predict_plans(report.ops, batch, hw.num_devices), report.optimal_per_device, paper)
     if args.json:

@@ -106,7 +106,7 @@ class LLMEngine:
         if self.config.tensor_parallel_size == 1:
             return None, None
         if self.config.plan == "auto":  # every rank loads the stored plan (tuning needs all ranks)
-            from nanoflow.tune.search import tensor_parallel_plan_path
+            from nanoflow.autosearch.search import tensor_parallel_plan_path
             self.config = replace(self.config, plan=tensor_parallel_plan_path(
                 self.model_config, self.dtype, self.config.device, self.config.dense_batch,
                 self.config.tensor_parallel_size))

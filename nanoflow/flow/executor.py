@@ -170,7 +170,7 @@ def resolve_plan(plan, kind: str, model, dense_batch: int, device) -> Plan:
     if isinstance(plan, Plan):
         return plan
     if plan == "auto":
-        from nanoflow.tune.search import auto_plan  # C2: a validated Plan for this model, batch and device
+        from nanoflow.autosearch.search import auto_plan  # C2: a validated Plan for this model, batch and device
         return auto_plan(model, dense_batch, device)
     if plan:
         return Plan.load(plan)

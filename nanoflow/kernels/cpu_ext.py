@@ -89,7 +89,7 @@ def build_dir() -> str:
 
     import torch
 
-    from nanoflow.tune.peak import cache_dir
+    from nanoflow.costmodel.peak import cache_dir
     h = hashlib.sha256()
     for f in _SOURCES:
         with open(f, "rb") as fh:
