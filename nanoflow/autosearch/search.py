@@ -16,7 +16,7 @@ import torch
 
 from nanoflow.flow.executor import make_executor
 from nanoflow.flow.ops import layer_operations
-from nanoflow.flow.plan import _CONTEXT_READERS, Plan, Unit, _hazard, sequential_plan, validate
+from nanoflow.flow.plan import CONTEXT_READERS, Plan, Unit, hazard, sequential_plan, validate
 from nanoflow.autosearch.milp import OpSpec, Problem, Schedule, search_structure, stage2
 from nanoflow.autosearch.profile import ROW_KIND, Profile, cache_path, load_or_profile, profile_key, synthetic_step, tp_key
 
@@ -36,8 +36,8 @@ class Candidate:
 def op_specs(tp_size: int = 1) -> list[OpSpec]:
     """The layer's operations for the MILP, with dependencies from the buffers they share (plan.py's rule)."""
     ops = layer_operations(tp_size)
-    return [OpSpec(b.name, b.kind, tuple(a.name for a in ops[:j] if _hazard(a, b, True)),
-                   ROW_KIND.get(b.name, "all"), b.name in _CONTEXT_READERS) for j, b in enumerate(ops)]
+    return [OpSpec(b.name, b.kind, tuple(a.name for a in ops[:j] if hazard(a, b, True)),
+                   ROW_KIND.get(b.name, "all"), b.name in CONTEXT_READERS) for j, b in enumerate(ops)]
 
 
 def make_problem(prof: Profile, cfg=None, layers: int = 2, time_limit: float = 20.0,

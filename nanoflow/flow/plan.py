@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 from nanoflow.flow.ops import ALL_REDUCES, KINDS, NETWORK_OPS, Operation, layer_operations
 
 NanoId = tuple[str, int]  # (op name, nano-op index)
-_CONTEXT_READERS = {"prefill_attn"}  # reads the KV of all earlier tokens of its requests
+# Ops that read the KV of all earlier tokens of their requests (not only their own rows).
+CONTEXT_READERS = {"prefill_attn"}
 
 
 class PlanError(ValueError):
@@ -149,7 +150,8 @@ def plan_operations(plan: Plan) -> list[Operation]:
     return layer_operations(2 if any(n in plan.nano_batches for n in NETWORK_OPS) else 1)
 
 
-def _hazard(a: Operation, b: Operation, same_layer: bool) -> set[str]:
+def hazard(a: Operation, b: Operation, same_layer: bool) -> set[str]:
+    """Buffers that order op a before op b (one writes what the other touches); kv_cache only within a layer."""
     bufs = (set(a.writes) & (set(b.reads) | set(b.writes))) | (set(a.reads) & set(b.writes))
     return bufs if same_layer else bufs - {"kv_cache"}
 
@@ -162,10 +164,10 @@ def dependencies(plan: Plan, ops: list[Operation]) -> dict[NanoId, list[tuple[Na
             out = deps.setdefault((b.name, bi), [])
             for i, a in enumerate(ops):
                 for offset in ((0, -1) if i < j else (-1,)):
-                    bufs = _hazard(a, b, offset == 0)
+                    bufs = hazard(a, b, offset == 0)
                     if not bufs:
                         continue
-                    lo = 0 if offset == 0 and "kv_cache" in bufs and b.name in _CONTEXT_READERS else b0
+                    lo = 0 if offset == 0 and "kv_cache" in bufs and b.name in CONTEXT_READERS else b0
                     out += [((a.name, ai), offset) for ai, (a0, a1) in enumerate(plan.ranges(a.name))
                             if a0 < b1 and lo < a1]
     return deps
