@@ -7,6 +7,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # the SM-limited Triton kernels 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from nanoflow.flow import cuda_graphs as cg  # noqa: E402
 from nanoflow.flow import cuda_units as cu  # noqa: E402
 from nanoflow.kernels.attention import PrefillChunk  # noqa: E402
 
@@ -51,16 +52,16 @@ def test_partition_shrinks_small_units_to_fit():
 
 def test_graph_keys():
     pf = [PrefillChunk(3, 5, 9, torch.zeros(1, dtype=torch.long))]
-    k1 = cu.graph_key("plan-a", 8, 3, pf, decode_width=3)
-    assert k1 == cu.graph_key("plan-a", 8, 3, pf, decode_width=7)  # widths pad to 8 blocks
-    assert k1 != cu.graph_key("plan-a", 8, 3, pf, decode_width=9)
-    assert k1 != cu.graph_key("plan-b", 8, 3, pf, decode_width=3)  # another plan: another graph
-    assert k1 != cu.graph_key("plan-a", 8, 4, [], decode_width=3)
+    k1 = cg.graph_key("plan-a", 8, 3, pf, decode_width=3)
+    assert k1 == cg.graph_key("plan-a", 8, 3, pf, decode_width=7)  # widths pad to 8 blocks
+    assert k1 != cg.graph_key("plan-a", 8, 3, pf, decode_width=9)
+    assert k1 != cg.graph_key("plan-b", 8, 3, pf, decode_width=3)  # another plan: another graph
+    assert k1 != cg.graph_key("plan-a", 8, 4, [], decode_width=3)
     assert k1.prefill == ((5, 9),)
 
 
 def test_graph_cache_captures_on_second_sight_and_evicts_lru():
-    c = cu.GraphCache(capacity=2)
+    c = cg.GraphCache(capacity=2)
     assert not c.should_capture("a") and c.should_capture("a")
     c.put("a", 1), c.put("b", 2)
     assert c.get("a") == 1  # a is now most recent

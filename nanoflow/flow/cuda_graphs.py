@@ -1,4 +1,4 @@
-"""The whole step in one CUDA graph: capture per step shape (`cuda_units.GraphKey`), then copy inputs into
+"""The whole step in one CUDA graph: capture per step shape (`GraphKey`), then copy inputs into
 static buffers and replay. Multi-stream capture works because `CudaUnits.run` forks from and joins back into
 the capturing stream (PyTorch's "usage with multiple streams" rules); one launch then replaces the Python
 launch loop over every nano-op of every layer.
@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Hashable
 
 import torch
 
-from nanoflow.flow.cuda_units import GraphCache, GraphKey, graph_key
 from nanoflow.kernels.attention import AttentionMetadata, PrefillChunk
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,53 @@ log = logging.getLogger(__name__)
 def plan_fingerprint(plan) -> str:
     """A short id of a plan's content (graphs captured under one plan are not valid under another)."""
     return hashlib.sha1(json.dumps(plan.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    """What a captured step depends on: the plan, the (padded) token count and the decode/prefill layout.
+
+    Decode attention reads context lengths from a tensor (the Triton kernel), so decode lengths are not part
+    of the key; prefill chunks unroll into per-chunk kernels, so their shapes are."""
+    plan: str
+    num_tokens: int
+    num_decode: int
+    prefill: tuple[tuple[int, int], ...]  # (q_len, ctx_len) per chunk
+    decode_width: int  # block-table width (static buffer shape)
+
+
+def graph_key(plan_id: str, num_tokens: int, num_decode: int, prefills, decode_width: int) -> GraphKey:
+    """Key of a step's graph. The decode block-table width is padded to a multiple of 8 blocks (the static
+    table is zero-filled beyond a request's pages), so growing contexts reuse one graph for 8 blocks."""
+    return GraphKey(plan_id, num_tokens, num_decode, tuple((p.q_len, p.ctx_len) for p in prefills),
+                    -(-decode_width // 8) * 8)
+
+
+class GraphCache:
+    """LRU of captured CUDA graphs (each with its static buffers); capture happens on a key's second sight,
+    so one-off shapes (a rare prefill layout) run eagerly instead of paying a capture."""
+
+    def __init__(self, capacity: int = 16) -> None:
+        self.capacity = capacity
+        self.graphs: OrderedDict[Hashable, object] = OrderedDict()
+        self.seen: set[Hashable] = set()
+
+    def get(self, key: Hashable):
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+            return self.graphs[key]
+        return None
+
+    def should_capture(self, key: Hashable) -> bool:
+        if key in self.seen:
+            return True
+        self.seen.add(key)
+        return False
+
+    def put(self, key: Hashable, graph) -> None:
+        self.graphs[key] = graph
+        while len(self.graphs) > self.capacity:
+            self.graphs.popitem(last=False)
 
 
 @dataclass

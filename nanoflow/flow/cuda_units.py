@@ -1,17 +1,18 @@
-"""CUDA execution units: one stream per unit, cross-stream events, SM partitions, one CUDA graph per step shape.
+"""CUDA execution units: one stream per unit, cross-stream events, SM partitions (CUDA graphs: cuda_graphs.py).
 
 How a unit's share becomes SMs (best first; `NANOFLOW_SM_PARTITION=driver|torch|soft|none` forces one):
   driver  green contexts through `cuda.bindings` (cuDevSmResourceSplitByCount -> cuGreenCtxCreate ->
           cuGreenCtxStreamCreate -> torch.cuda.get_stream_from_external): disjoint partitions, real SM counts.
   torch   `torch.cuda.green_contexts.GreenContext.create(num_sms).Stream()` (torch >= 2.11): separate
-          create() calls may land on the same SMs and the granted count cannot be read (docs/gpu-notes.md).
+          create() calls may land on the same SMs and the granted count cannot be read (docs/architecture.md,
+          "CUDA units").
   soft    plain streams; GEMMs run as the SM-limited persistent Triton kernel with `num_sms` programs and decode
           attention with a bounded grid (`kernels/triton_*.py`): the block scheduler may still share SMs.
   none    plain streams, every kernel on the whole device.
 Hopper rounds green-context SM counts up to multiples of 8 (minimum 8). Nothing here runs at import: the
 module imports on a CPU-only machine, and `CudaUnits` raises a clear error there.
 
-NOT RUN ON A GPU: everything below the pure-Python helpers (partition arithmetic, graph keys) was written
+NOT RUN ON A GPU: everything below the pure-Python helpers (partition arithmetic) was written
 against the documented APIs and has never executed on a CUDA device in this project.
 """
 from __future__ import annotations
@@ -19,9 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Hashable
 
 import torch
 
@@ -69,53 +67,6 @@ def partition_sms(shares: dict[str, float], total_sms: int, min_count: int = 8,
         counts[u] -= granularity
     counts[big] = total_sms - sum(counts.values())
     return counts
-
-
-@dataclass(frozen=True)
-class GraphKey:
-    """What a captured step depends on: the plan, the (padded) token count and the decode/prefill layout.
-
-    Decode attention reads context lengths from a tensor (the Triton kernel), so decode lengths are not part
-    of the key; prefill chunks unroll into per-chunk kernels, so their shapes are."""
-    plan: str
-    num_tokens: int
-    num_decode: int
-    prefill: tuple[tuple[int, int], ...]  # (q_len, ctx_len) per chunk
-    decode_width: int  # block-table width (static buffer shape)
-
-
-def graph_key(plan_id: str, num_tokens: int, num_decode: int, prefills, decode_width: int) -> GraphKey:
-    """Key of a step's graph. The decode block-table width is padded to a multiple of 8 blocks (the static
-    table is zero-filled beyond a request's pages), so growing contexts reuse one graph for 8 blocks."""
-    return GraphKey(plan_id, num_tokens, num_decode, tuple((p.q_len, p.ctx_len) for p in prefills),
-                    -(-decode_width // 8) * 8)
-
-
-class GraphCache:
-    """LRU of captured CUDA graphs (each with its static buffers); capture happens on a key's second sight,
-    so one-off shapes (a rare prefill layout) run eagerly instead of paying a capture."""
-
-    def __init__(self, capacity: int = 16) -> None:
-        self.capacity = capacity
-        self.graphs: OrderedDict[Hashable, object] = OrderedDict()
-        self.seen: set[Hashable] = set()
-
-    def get(self, key: Hashable):
-        if key in self.graphs:
-            self.graphs.move_to_end(key)
-            return self.graphs[key]
-        return None
-
-    def should_capture(self, key: Hashable) -> bool:
-        if key in self.seen:
-            return True
-        self.seen.add(key)
-        return False
-
-    def put(self, key: Hashable, graph) -> None:
-        self.graphs[key] = graph
-        while len(self.graphs) > self.capacity:
-            self.graphs.popitem(last=False)
 
 
 # ---------------------------------------------------------------- device side (needs CUDA)
