@@ -53,6 +53,31 @@ class ScheduledBatch:
         return bool(self.decodes or self.prefills)
 
 
+class RequestTooLong(ValueError):
+    """A request that could never run; `param` names the field at fault: "prompt" or "max_tokens"."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_request_fits(num_prompt_tokens: int, max_tokens: int, max_model_len: int, block_size: int,
+                       num_blocks: int) -> None:
+    """The prompt leaves room for one token, prompt + max_tokens fits the context, and that many tokens of KV
+    fit the whole pool; else RequestTooLong. The wording is vLLM's: clients match it."""
+    n, ctx = num_prompt_tokens, max_model_len
+    if n >= ctx:
+        raise RequestTooLong(f"This model's maximum context length is {ctx} tokens. However, your prompt has "
+                             f"{n} tokens; please shorten it.", "prompt")
+    total = n + max_tokens
+    if total > ctx:
+        raise RequestTooLong(f"This model's maximum context length is {ctx} tokens. However, your request has "
+                             f"{n} input tokens plus {max_tokens} 'max_tokens' ({total} in total).", "max_tokens")
+    if blocks_needed(total, block_size) > num_blocks:
+        raise RequestTooLong(f"the request needs {total} tokens of KV cache but the pool holds only "
+                             f"{num_blocks * block_size}", "max_tokens")
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
@@ -72,13 +97,8 @@ class Scheduler:
     def check_fits(self, req: Request) -> None:
         """Reject up front what could never run, instead of letting it wait forever."""
         c = self.config
-        total = req.max_total_tokens
-        if total > c.max_model_len:
-            raise ValueError(f"prompt ({req.num_prompt_tokens} tokens) + max_tokens "
-                             f"({req.params.max_tokens}) = {total} exceeds the context length {c.max_model_len}")
-        if blocks_needed(total, c.block_size) > c.num_blocks:
-            raise ValueError(f"request needs {total} tokens of KV cache but the pool holds only "
-                             f"{c.num_blocks * c.block_size}")
+        check_request_fits(req.num_prompt_tokens, req.params.max_tokens or 0, c.max_model_len, c.block_size,
+                           c.num_blocks)
 
     def add(self, req: Request) -> None:
         self.check_fits(req)

@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from nanoflow.engine import logits_process
-from nanoflow.engine.block_manager import blocks_needed
+from nanoflow.engine.scheduler import RequestTooLong, check_request_fits
 from nanoflow.outputs import CompletionOutput, RequestOutput
 from nanoflow.sampling_params import SamplingParams
 from nanoflow.server.async_engine import AsyncEngine, EngineDead, RequestHandle
@@ -110,19 +110,13 @@ class OpenAIServing:
     def _params(self, req, ids: list[int], prompt_param: str, logprobs: int | None,
                 default_max: int | None) -> SamplingParams:
         n_in, ctx = len(ids), self.max_model_len
-        if n_in >= ctx:
-            raise APIError(f"This model's maximum context length is {ctx} tokens. However, your prompt has "
-                           f"{n_in} tokens; please shorten it.", prompt_param)
         max_tokens = req.max_tokens
         if max_tokens is None:  # not given: fill what is left (clamped, like vLLM)
             max_tokens = ctx - n_in if default_max is None else min(default_max, ctx - n_in)
-        elif n_in + max_tokens > ctx:
-            raise APIError(f"This model's maximum context length is {ctx} tokens. However, your request has "
-                           f"{n_in} input tokens plus {max_tokens} 'max_tokens' ({n_in + max_tokens} in "
-                           f"total).", "max_tokens")
-        if blocks_needed(n_in + max_tokens, self.block_size) > self.num_blocks:
-            raise APIError(f"the request needs {n_in + max_tokens} tokens of KV cache but the pool holds only "
-                           f"{self.num_blocks * self.block_size}", "max_tokens")
+        try:
+            check_request_fits(n_in, max_tokens, ctx, self.block_size, self.num_blocks)
+        except RequestTooLong as e:
+            raise APIError(str(e), prompt_param if e.param == "prompt" else e.param) from None
         try:
             params = SamplingParams(
                 n=req.n, temperature=_or(req.temperature, 1.0), top_p=_or(req.top_p, 1.0),
