@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 
-from nanoflow.models.config import ModelConfig, get_preset
+from nanoflow.models.config import get_preset
 from nanoflow.costmodel import analysis as cm
 from nanoflow.costmodel import roofline
 from nanoflow.costmodel.hardware import TABLE1, get_hardware
 from nanoflow.costmodel.peak import measure_gemm_peak, measure_mem_bandwidth
+from tests.helpers import TINY
 
 A100 = get_hardware("A100-80GB")
 
@@ -162,9 +163,6 @@ def test_equations_basic():
 
 
 # --- peak measurement (smoke only) -------------------------------------------------------------
-
-TINY = ModelConfig("llama", 256, 64, 128, 2, 4, 2, name="tiny")
-
 
 def test_peak_smoke_and_cache(tmp_path):
     path = str(tmp_path / "peak.json")

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from nanoflow.flow.executor import compile_program, make_executor
 from nanoflow.flow.ops import StepState, layer_operations, run_op
 from nanoflow.flow.plan import Plan, Unit, validate
-from tests.flow_helpers import mixed_step, tiny_model
+from tests.helpers import mixed_step, tiny_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,7 +113,7 @@ def test_random_valid_splits_match_the_plain_forward(model, step, reference, dat
 
 def test_program_dependencies_point_backwards():
     from nanoflow.flow.plan import overlap_plan
-    from tests.flow_helpers import TINY
+    from tests.helpers import TINY
     prog = compile_program(overlap_plan(64), TINY.num_layers)
     assert [len(t) for t in prog.tasks] == [16 * TINY.num_layers, 2 * TINY.num_layers]
     mem = prog.tasks[1]

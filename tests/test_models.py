@@ -4,9 +4,8 @@ import torch
 
 from nanoflow import LLM, SamplingParams
 from tests.conftest import _hf_greedy
+from tests.helpers import tiny_hf_config
 
-TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256)
 
 
 def _save_tiny(kind: str, path, tie: bool):
@@ -15,7 +14,7 @@ def _save_tiny(kind: str, path, tie: bool):
     cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
            "mistral": (MistralConfig, MistralForCausalLM)}[kind]
     torch.manual_seed(0)
-    model = cls[1](cls[0](**TINY, tie_word_embeddings=tie)).eval()
+    model = cls[1](cls[0](**tiny_hf_config(vocab_size=512), tie_word_embeddings=tie)).eval()  # ids up to 300
     with torch.no_grad():  # make the biases visible in the output
         for n, p in model.named_parameters():
             if n.endswith("bias"):

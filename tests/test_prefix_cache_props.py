@@ -8,9 +8,10 @@ from collections import OrderedDict
 
 from hypothesis import event, given, settings, strategies as st
 
-from nanoflow.engine.request import Request, RequestStatus
+from nanoflow.engine.request import Request
 from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
 from nanoflow.sampling_params import SamplingParams
+from tests.helpers import drive_scheduler
 
 
 class FakeTiers:
@@ -80,29 +81,10 @@ def _maybe_add(sched: Scheduler, pending: list[Request], req: Request) -> None:
     pending.insert(0, req)
 
 
-def _drive(sched: Scheduler, pending: list[Request], shadow: dict, follow_up: bool, max_steps: int = 6000):
-    cfg, bm, finished, step = sched.config, sched.block_manager, [], 0
-    while pending or sched.has_unfinished():
-        if pending and step % 2 == 0:
-            sched.add(pending.pop())
-        batch = sched.schedule()
-        assert batch.num_tokens <= cfg.dense_batch, "token budget exceeded"
-        _run_chunk(sched, batch, shadow)
-        for c in batch.chunks:
-            req = c.req
-            assert req.status == RequestStatus.RUNNING
-            if c.samples:
-                req.output_token_ids.append(_key(req, req.num_tokens - 1) % 3)  # deterministic "greedy" token
-                if len(req.output_token_ids) >= req.params.max_tokens:
-                    sched.finish(req, "length")
-                    finished.append(req)
-                    nxt = req.all_token_ids + [9, 9, 9]  # the next round of the conversation
-                    if follow_up and len(finished) % 2:
-                        _maybe_add(sched, pending, Request(nxt, SamplingParams(max_tokens=4)))
-        bm.check_invariants()
-        step += 1
-        assert step < max_steps, "no progress: a request was never finished"
-    return finished
+def _follow_up(sched: Scheduler, pending: list[Request], req: Request, finished: list[Request]) -> None:
+    """Every other finished request comes back as the next round of its conversation."""
+    if len(finished) % 2:
+        _maybe_add(sched, pending, Request(req.all_token_ids + [9, 9, 9], SamplingParams(max_tokens=4)))
 
 
 @settings(max_examples=150, deadline=None)
@@ -125,7 +107,10 @@ def test_prefix_cache_reuses_only_matching_kv_and_never_leaks(reqs, dense_batch,
         _maybe_add(sched, pending, Request(prefixes[which] + list(range(4, 4 + suffix)),
                                            SamplingParams(max_tokens=max_tokens)))
     expected = {r.request_id for r in pending}
-    finished = _drive(sched, pending, shadow, follow_up)
+    finished = drive_scheduler(
+        sched, pending, next_token=lambda r: _key(r, r.num_tokens - 1) % 3,  # a deterministic "greedy" token
+        on_batch=lambda batch: _run_chunk(sched, batch, shadow),
+        on_finish=(lambda r, done: _follow_up(sched, pending, r, done)) if follow_up else None, max_steps=6000)
     assert expected <= {r.request_id for r in finished}
     for r in finished:
         assert len(r.output_token_ids) == r.params.max_tokens

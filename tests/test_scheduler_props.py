@@ -1,39 +1,20 @@
 """Property tests of the block manager and the dense-batch scheduler, driven without a model."""
 from hypothesis import given, settings, strategies as st
 
-from nanoflow.engine.request import Request, RequestStatus
+from nanoflow.engine.request import Request
 from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
 from nanoflow.sampling_params import SamplingParams
+from tests.helpers import drive_scheduler
 
 request_st = st.tuples(st.integers(1, 70), st.integers(1, 40))  # (prompt tokens, max_tokens)
 
 
-def _drive(sched: Scheduler, pending: list[Request], abort_every: int, max_steps: int = 5000):
-    """Feed requests over time, fake-sample a token for every sampling chunk, abort some; check invariants."""
-    cfg, bm, finished, step = sched.config, sched.block_manager, [], 0
-    while pending or sched.has_unfinished():
-        if pending and step % 2 == 0:
-            sched.add(pending.pop())
-        batch = sched.schedule()
-        assert batch.num_tokens <= cfg.dense_batch, "token budget exceeded"
-        assert len(sched.running) <= cfg.max_num_seqs
-        for c in batch.chunks:
-            req = c.req
-            assert req.status == RequestStatus.RUNNING
-            assert req.num_computed_tokens <= len(req.block_table) * cfg.block_size, "KV slots missing"
-            if c.samples:
-                req.output_token_ids.append(7)
-                if len(req.output_token_ids) >= req.params.max_tokens:
-                    sched.finish(req, "length")
-                    finished.append(req)
-        if abort_every and step % abort_every == abort_every - 1 and sched.running:
-            victim = sched.running[0]
-            sched.finish(victim, "abort")
-            finished.append(victim)
-        bm.check_invariants()
-        step += 1
-        assert step < max_steps, "no progress: a request was never finished"
-    return finished
+def _check_batch(sched: Scheduler, batch) -> None:
+    """Beside drive_scheduler's checks: the sequence limit holds and every scheduled token has a KV slot."""
+    cfg = sched.config
+    assert len(sched.running) <= cfg.max_num_seqs
+    for c in batch.chunks:
+        assert c.req.num_computed_tokens <= len(c.req.block_table) * cfg.block_size, "KV slots missing"
 
 
 @settings(max_examples=120, deadline=None)
@@ -54,7 +35,7 @@ def test_every_request_finishes_and_no_block_leaks(reqs, dense_batch, num_blocks
             continue  # too big for this pool: rejected up front, never queued
         pending.append(r)
     expected = {r.request_id for r in pending}
-    finished = _drive(sched, pending, abort_every)
+    finished = drive_scheduler(sched, pending, on_batch=lambda b: _check_batch(sched, b), abort_every=abort_every)
     assert {r.request_id for r in finished} == expected
     for r in finished:
         if r.finish_reason == "length":

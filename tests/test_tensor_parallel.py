@@ -18,7 +18,7 @@ from nanoflow.distributed.shard import TPShard, check_shardable
 from nanoflow.models.config import PRESETS
 from nanoflow.server.app import ServerThread, build_app
 from tests.conftest import PROMPTS
-from tests.flow_helpers import TINY
+from tests.helpers import TINY
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 

@@ -1,7 +1,9 @@
 """Auto-search (MILP stages), the R -> P reduction, profile storage, and `--plan auto` end to end."""
 import pytest
 
-from nanoflow.autosearch.milp import OpSpec, Problem, p_of, search_structure, split_candidates, stage1, stage2
+from nanoflow.autosearch.milp import search_structure, stage1, stage2
+from nanoflow.autosearch.problem import OpSpec, Problem, p_of, split_candidates
+from tests.helpers import tiny_model
 
 CHAIN = [OpSpec("gemm", "compute"), OpSpec("attn", "memory", ("gemm",))]
 
@@ -92,18 +94,13 @@ def test_rp_table_is_monotone_and_bounded():
 
 
 # ---- profiles: measured on a tiny model, stored, reused
-def _tiny_model():
-    from tests.flow_helpers import tiny_model
-    return tiny_model()
-
-
 FAST = dict(tile=16, min_time=0.0, window=0.02, context_len=40)
 
 
 def test_profile_round_trip_and_reuse(tmp_path, monkeypatch):
     from nanoflow.autosearch import profile
     monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))
-    model = _tiny_model()
+    model = tiny_model()
     prof, path = profile.load_or_profile(model, 32, log=lambda *a: None, **FAST)
     assert path.startswith(str(tmp_path)) and set(prof.solo) >= {"qkv", "decode_attn", "gate_up"}
     assert set(prof.solo["qkv"]) == {f"{s:.3f}" for s in prof.shares} and set(prof.solo["qkv"]["1.000"]) == {"16", "32"}
@@ -119,7 +116,7 @@ def test_tune_plans_are_valid(tmp_path, monkeypatch):
     from nanoflow.flow.plan import Plan, validate
     from nanoflow.autosearch.search import tune
     monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path))
-    plan, decision = tune(_tiny_model(), 32, out=str(tmp_path / "plan.json"), rounds=1, measure_layers=1,
+    plan, decision = tune(tiny_model(), 32, out=str(tmp_path / "plan.json"), rounds=1, measure_layers=1,
                           time_limit=5, max_nano=2, log=lambda *a: None, **FAST)
     validate(plan)
     assert Plan.load(str(tmp_path / "plan.json")).to_dict() == plan.to_dict()
@@ -174,10 +171,10 @@ def test_cli_bad_options_are_clear_errors(argv, capsys):
 
 def _check_schedule(p, s, capacity: bool, eps=1e-6):
     """Dependencies hold, one unit never runs two nano-ops at once, and (Stage II) overlapping units fit."""
-    from nanoflow.autosearch.milp import UNIT_OF_KIND, _nano_deps
+    from nanoflow.autosearch.problem import UNIT_OF_KIND, nano_deps
     kind = {o.name: o.kind for o in p.ops}
     end = {j: s.starts[j] + s.durations[j] for j in s.starts}
-    for a, b in _nano_deps(p, s.num_nano):
+    for a, b in nano_deps(p, s.num_nano):
         assert s.starts[b] >= end[a] - eps, (a, b)
     live = [j for j in s.starts if s.durations[j] > eps]
     for i, a in enumerate(live):

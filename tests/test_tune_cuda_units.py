@@ -106,7 +106,7 @@ def test_soft_partition_ops_match_the_normal_path():
     from nanoflow.flow.cuda_soft import run_op_limited
     from nanoflow.flow.ops import StepState, run_op
     from nanoflow.kernels.attention import AttentionMetadata
-    from tests.flow_helpers import tiny_model
+    from tests.helpers import tiny_model
     model, bs = tiny_model(), 8
     lens = [5, 12, 1]  # three decode tokens with contexts in a paged cache
     tables = torch.tensor([[0, 1], [2, 3], [4, 0]])
