@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from nanoflow.engine import logits_process
 from nanoflow.engine.request import Request
 from nanoflow.engine.scheduler import RequestTooLong, Scheduler, SchedulerConfig, check_request_fits
 from nanoflow.sampling_params import SamplingParams
@@ -58,3 +59,30 @@ def test_server_fills_the_context_when_max_tokens_is_absent():
     assert job.params[0].max_tokens == 16  # completions default, within the room left
     err = _api_error(prompt=[1] * CTX)
     assert err.param == "prompt" and "maximum context length is 100 tokens" in err.message
+
+
+# ---- token ids in the vocabulary ----
+@pytest.mark.parametrize("ids,params,field", [
+    ([1, VOCAB], None, "prompt"),
+    ([-1], None, "prompt"),
+    ([1], SamplingParams(stop_token_ids=[VOCAB + 5]), "stop_token_ids"),
+    ([1], SamplingParams(logit_bias={VOCAB: 1.0}), "logit_bias"),
+])
+def test_vocab_rule_names_the_field(ids, params, field):
+    with pytest.raises(ValueError, match=rf"^{field} token id -?\d+ is outside the vocabulary \[0, {VOCAB}\)$"):
+        logits_process.check_vocab(VOCAB, ids, params)
+
+
+def test_vocab_rule_accepts_the_edges():
+    logits_process.check_vocab(VOCAB, [0, VOCAB - 1], SamplingParams(stop_token_ids=[VOCAB - 1],
+                                                                      logit_bias={0: -1.0}))
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": [1, VOCAB]}, "prompt"),
+    ({"prompt": [1], "stop_token_ids": [VOCAB]}, "stop_token_ids"),
+    ({"prompt": [1], "logit_bias": {str(VOCAB): 1.0}}, "logit_bias"),
+])
+def test_server_answers_vocab_errors_with_their_param(body, param):
+    err = _api_error(**body)
+    assert err.param == param and err.message == f"{param} token id {VOCAB} is outside the vocabulary [0, {VOCAB})"

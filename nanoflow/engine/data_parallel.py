@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from nanoflow.batch.grouping import prefix_key
 from nanoflow.config import EngineConfig
 from nanoflow.engine import dp_worker as w
+from nanoflow.engine import logits_process
 from nanoflow.engine.request import Request
 from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
 from nanoflow.outputs import CompletionOutput, RequestOutput
@@ -194,9 +195,7 @@ class DataParallelEngine:
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise ValueError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
+        logits_process.check_vocab(self.model_config.vocab_size, ids)
         if params.max_tokens is None:  # what LLMEngine.add_request does, here so the load estimate knows it
             params.max_tokens = max(1, self.max_model_len - len(ids))
         self._checker.check_fits(Request(list(ids), params))

@@ -131,12 +131,9 @@ class LLMEngine:
             raise ValueError(f"duplicate request id {request_id!r}")
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})")
+        logits_process.check_vocab(self.model_config.vocab_size, prompt_token_ids, params)
         if params.max_tokens is None:
             params.max_tokens = max(1, self.max_model_len - len(prompt_token_ids))
-        logits_process.check_vocab(params, self.model_config.vocab_size)
         grammar = self.grammars.compile(params.structured_outputs)  # cached; ValueError if it does not compile
         children = []
         for i in range(params.n):

@@ -2,14 +2,20 @@
 `min_tokens` ban (EOS and stop_token_ids cannot be sampled before min_tokens tokens)."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from nanoflow.sampling_params import SamplingParams
 
 
-def check_vocab(params: SamplingParams, vocab_size: int) -> None:
-    """Token ids the request names must exist (ValueError -> 400 on the server)."""
-    for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias or ()))):
+def check_vocab(vocab_size: int, prompt_token_ids: Sequence[int] = (), params: SamplingParams | None = None) -> None:
+    """Every token id a request names (its prompt, stop_token_ids, logit_bias keys) must exist; the ValueError
+    begins with the field's name (the server's 400 `param`)."""
+    named = [("prompt", prompt_token_ids)]
+    if params is not None:
+        named += [("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias or ()))]
+    for name, ids in named:
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"{name} token id {bad[0]} is outside the vocabulary [0, {vocab_size})")

@@ -102,9 +102,10 @@ class OpenAIServing:
             if not ids:
                 raise APIError("prompt must not be empty (it encodes to no tokens)", "prompt")
             return prompt, ids
-        bad = [t for t in prompt if t >= self.vocab_size]
-        if bad:
-            raise APIError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", "prompt")
+        try:
+            logits_process.check_vocab(self.vocab_size, prompt)
+        except ValueError as e:
+            raise APIError(str(e), "prompt") from None
         return None, list(prompt)
 
     def _params(self, req, ids: list[int], prompt_param: str, logprobs: int | None,
@@ -129,7 +130,7 @@ class OpenAIServing:
                 include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=_logit_bias(req.logit_bias),
                 prompt_logprobs=logprobs if getattr(req, "echo", False) else None,
                 structured_outputs=req.structured_spec())
-            logits_process.check_vocab(params, self.vocab_size)
+            logits_process.check_vocab(self.vocab_size, params=params)
         except ValueError as e:
             raise APIError(str(e), str(e).split(" ", 1)[0]) from None
         return params
