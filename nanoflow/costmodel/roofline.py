@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from nanoflow.models.config import PRESETS, ModelConfig, get_preset
+from nanoflow.models.config import PRESETS, ModelConfig
 from nanoflow.costmodel.analysis import PAPER_MODELS, WORKLOADS, Roofline, analyze, classify
 from nanoflow.costmodel.hardware import TABLE1, Hardware, get_hardware
 
@@ -42,28 +42,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_model_config(spec: str) -> tuple[ModelConfig, float | None]:
-    """ModelConfig and, for MoE paper shapes, the stored parameter count (all experts)."""
-    name = spec[len("dummy:"):] if spec.startswith("dummy:") else spec
-    if name == "default":
-        return get_preset("smollm2-135m"), None
+    """ModelConfig and, for MoE paper shapes, the stored parameter count (all experts). Besides what every
+    `--model` takes (models.loader), a bare preset or paper-model name: only shapes are needed here."""
+    name = spec.removeprefix("dummy:")
     if name in PRESETS:
-        return PRESETS[name], None
-    if name in PAPER_MODELS:  # shapes the paper evaluates that have no runnable preset
+        spec = f"dummy:{name}"
+    elif name in PAPER_MODELS:  # shapes the paper evaluates that have no runnable preset
         pm = PAPER_MODELS[name]
         return pm.cfg, (pm.weight_params if pm.weight_params != pm.params else None)
-    if os.path.isdir(spec):
-        cfg_path = os.path.join(spec, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise ValueError(f"model directory {spec!r} has no config.json")
-        from nanoflow.models.loader import config_from_hf
-        with open(cfg_path) as f:
-            return config_from_hf(json.load(f)), None
-    if spec.endswith(".gguf") and os.path.isfile(spec):
-        from nanoflow.models.gguf_loader import gguf_config
-        return gguf_config(spec), None
-    known = sorted(set(PRESETS) | set(PAPER_MODELS))
-    raise ValueError(f"unknown model {spec!r}; known presets: {', '.join(known)} "
-                     "(or an HF directory / .gguf file)")
+    from nanoflow.models.loader import load_config, resolve_model
+    try:
+        return load_config(resolve_model(spec)), None
+    except FileNotFoundError as e:
+        if os.path.exists(spec):
+            raise
+        known = sorted(set(PRESETS) | set(PAPER_MODELS))
+        raise FileNotFoundError(f"{e}; or a preset name: {', '.join(known)}") from None
 
 
 def parse_workload(spec: str) -> tuple[float, float]:
