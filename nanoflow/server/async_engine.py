@@ -1,9 +1,10 @@
 """One engine thread serving every HTTP connection.
 
 The engine is single-threaded (team contract): only the thread below touches it. Request handlers hand
-add/abort commands over a thread-safe queue; the thread applies them between steps, runs `step()`, and feeds
-each request's asyncio queue through `loop.call_soon_threadsafe`. Admission is bounded: when the waiting
-queue is full `reserve` raises `QueueFull` (answered 429) instead of queueing without bound.
+commands (AddRequest, AbortRequest, EndAll, Wake) over a thread-safe queue; the thread applies them between
+steps, runs `step()`, and feeds each request's asyncio queue through `loop.call_soon_threadsafe`. Admission is
+bounded: when the waiting queue is full `reserve` raises `QueueFull` (answered 429) instead of queueing without
+bound.
 """
 from __future__ import annotations
 
@@ -46,6 +47,36 @@ class _Tracked:
     num_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class AddRequest:
+    """Add a request to the engine; `reserved` is the waiting-queue room `reserve` claimed for it."""
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    tracked: _Tracked
+    reserved: int
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class EndAll:
+    """End every request in flight with ShuttingDown(message)."""
+    message: str
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Nothing to apply: wakes the engine thread from its wait for commands (so it sees a stop)."""
+
+
+EngineCommand = AddRequest | AbortRequest | EndAll | Wake
+
+
 class RequestHandle:
     """The caller's end of one engine request: cumulative outputs in order; `abort()` unless finished."""
 
@@ -75,7 +106,7 @@ class AsyncEngine:
         self.engine = engine
         self.max_waiting = max_waiting
         self.metrics = metrics or EngineMetrics()
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[EngineCommand] = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
         self._num_pending = 0  # adds handed over but not yet in the engine (event-loop side)
         self._pending_lock = threading.Lock()
@@ -108,7 +139,7 @@ class AsyncEngine:
         """Hand a request to the engine thread (applied between steps); `reserved` returns the room
         claimed by `reserve` once the engine holds it."""
         tracked = _Tracked(asyncio.get_running_loop(), asyncio.Queue(), len(prompt_token_ids))
-        self._commands.put(("add", request_id, prompt_token_ids, params, prompt, tracked, reserved))
+        self._commands.put(AddRequest(request_id, prompt_token_ids, params, prompt, tracked, reserved))
         return RequestHandle(self, request_id, tracked)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -121,18 +152,18 @@ class AsyncEngine:
             handle.abort()
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._commands.put(AbortRequest(request_id))
 
     def drain(self) -> None:
         self.draining = True
 
     def end_all(self, message: str) -> None:
         """End every request in flight with ShuttingDown (its caller answers 503 / an SSE error event)."""
-        self._commands.put(("end_all", message))
+        self._commands.put(EndAll(message))
 
     def shutdown(self) -> None:
         self._stop.set()
-        self._commands.put(("noop",))
+        self._commands.put(Wake())
         self._thread.join(timeout=10)
 
     # ---- engine thread ----
@@ -173,25 +204,30 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
-    def _apply(self, cmd: tuple) -> None:
-        if cmd[0] == "add":
-            _, rid, ids, params, prompt, tracked, reserved = cmd
-            with self._pending_lock:
-                self._num_pending -= reserved
-            try:
-                self.engine.add_request(rid, ids, params, prompt)
-            except Exception as e:  # ValueError: bad input; anything else must not kill the thread
-                tracked.loop.call_soon_threadsafe(tracked.out.put_nowait, e)
-                return
-            self._tracked[rid] = tracked
-            self.metrics.prompt_tokens.inc(len(ids))
-        elif cmd[0] == "end_all":
-            self._fail_all(ShuttingDown(cmd[1]))
-        elif cmd[0] == "abort":
-            rid = cmd[1]
-            if self._tracked.pop(rid, None) is not None:
-                self.engine.abort_request(rid)
-                self.metrics.aborted.inc()
+    def _apply(self, cmd: EngineCommand) -> None:
+        match cmd:
+            case AddRequest():
+                self._add(cmd)
+            case AbortRequest(request_id=rid):
+                if self._tracked.pop(rid, None) is not None:
+                    self.engine.abort_request(rid)
+                    self.metrics.aborted.inc()
+            case EndAll(message=message):
+                self._fail_all(ShuttingDown(message))
+            case Wake():
+                pass
+
+    def _add(self, cmd: AddRequest) -> None:
+        with self._pending_lock:
+            self._num_pending -= cmd.reserved
+        tracked = cmd.tracked
+        try:
+            self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.prompt)
+        except Exception as e:  # ValueError: bad input; anything else must not kill the thread
+            tracked.loop.call_soon_threadsafe(tracked.out.put_nowait, e)
+            return
+        self._tracked[cmd.request_id] = tracked
+        self.metrics.prompt_tokens.inc(len(cmd.prompt_token_ids))
 
     def _deliver(self, out: RequestOutput, now: float) -> None:
         t = self._tracked.get(out.request_id)
