@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 from dataclasses import dataclass, field, fields
+
+from nanoflow import env
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,20 +64,21 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     block_size: int = 16
     # Like vLLM's VLLM_CPU_KVCACHE_SPACE: NANOFLOW_KV_CACHE_GB sets the default pool size (tests keep it small).
-    kv_cache_gb: float = field(default_factory=lambda: float(os.environ.get("NANOFLOW_KV_CACHE_GB", "2.0")))
+    kv_cache_gb: float = field(default_factory=env.kv_cache_gb)
     num_kv_blocks: int | None = None  # overrides kv_cache_gb (tests force preemption with it)
     admission_control: bool = True
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     cpp_kernels: bool = True  # C++ CPU kernels (decode attention, fused norm/rope/silu, argmax); off: pure torch
     packed_gemm: bool = True  # oneDNN prepacked weights for bf16 GEMMs on a CPU (layers.packed_gemm_supported)
+    batch_invariant: bool = False  # greedy output independent of batch-mates (kernels/batch_invariant.py; CPU)
     # Schedule step i+1 while step i runs on the device. None: on with a GPU, off on a CPU, where the step's
     # own threads are the device: a scheduling thread beside them cost 1.22x (ShareGPT 512+512 x 64, 2 cores).
     async_scheduling: bool | None = None
     prefix_caching: bool = True  # reuse cached full KV blocks across requests (off: --no-prefix-cache)
     host_kv_cache_gb: float = 0.0  # host-memory KV tier for finished requests' blocks (0: off)
     disk_kv_cache_gb: float = 0.0  # on-disk KV tier behind the host tier (0: off)
-    kv_cache_dir: str | None = None  # directory of the disk tier (default ~/.cache/nanoflow/kv)
+    kv_cache_dir: str | None = None  # directory of the disk tier (default env.cache_dir("kv"))
     # Tensor parallelism (distributed/): ranks split each layer; rank 0 lives in the engine process and samples.
     tensor_parallel_size: int = 1
     nnodes: int = 1  # machines the ranks span (each runs its share of ranks; node 0 runs the engine)
@@ -119,19 +121,26 @@ class EngineConfig:
             raise ValueError("the host/disk KV tiers are keyed by prefix-cache hashes: they need prefix caching")
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    d = EngineConfig()
-    g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=d.model,
+def add_model_arguments(g, device: bool = True) -> None:
+    """--model, --dtype, --device (unless `device` is False) and --dense-batch with the engine's defaults: the
+    options every command that loads or models a model shares (engine commands, profile, tune, roofline)."""
+    g.add_argument("--model", default=EngineConfig.model,
                    help="'default' (SmolLM2-135M-Instruct), a .gguf file, an HF directory or dummy:<preset>")
-    g.add_argument("--dtype", default=d.dtype,
+    g.add_argument("--dtype", default=EngineConfig.dtype,
                    help="auto (bfloat16 where the hardware multiplies it natively, else float32) | bfloat16 | float32")
-    g.add_argument("--device", default="auto",
-                   help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N: where the weights, the KV cache "
-                        "and every step live")
+    if device:
+        g.add_argument("--device", default=EngineConfig.device,
+                       help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N: where the weights, the KV "
+                            "cache and every step live")
     g.add_argument("--dense-batch", type=int, default=None,
                    help="token budget per step (default: the hardware's best: 1024 on a CPU with native bf16, "
                         "256 on an AVX2-only CPU, 2048 on a GPU)")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    g = parser.add_argument_group("engine")
+    add_model_arguments(g)
     g.add_argument("--executor", default=d.executor,
                    help="sequential | nanobatch | overlap: each step's layers as one batch, as the plan's "
                         "nano-batches, or overlapped on execution units (bench offline: a comma list)")
@@ -150,6 +159,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="pure-torch CPU path: no C++ kernels, one-GEMM LM head (ablation; also NANOFLOW_NO_CPP=1)")
     g.add_argument("--no-packed-gemm", dest="packed_gemm", action="store_false",
                    help="F.linear instead of oneDNN prepacked weights for bf16 GEMMs on a CPU (ablation)")
+    g.add_argument("--batch-invariant", action="store_true",
+                   help="every reduction in a fixed order, so a request's logits (and greedy tokens) do not depend "
+                        "on its batch-mates, the executor or prompt chunking (CPU; costs throughput)")
     g.add_argument("--async", dest="async_scheduling", action="store_true", default=None,
                    help="schedule step i+1 while step i runs (the default on a GPU; off by default on a CPU, where "
                         "the scheduling thread competes with the step's own threads)")
@@ -161,7 +173,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="host-memory tier for finished requests' KV blocks (0: off)")
     g.add_argument("--disk-kv-cache-gb", type=float, default=d.disk_kv_cache_gb,
                    help="on-disk KV tier behind the host tier (0: off); survives restarts")
-    g.add_argument("--kv-cache-dir", default=None, help="directory of the disk KV tier (~/.cache/nanoflow/kv)")
+    g.add_argument("--kv-cache-dir", default=None, help="directory of the disk KV tier (default: <cache dir>/kv)")
     g.add_argument("--tensor-parallel-size", "-tp", default=str(d.tensor_parallel_size),
                    help="split every layer over N ranks (processes pinned to their own cores on a CPU, one GPU "
                         "each on CUDA; gloo / NCCL). bench offline: a comma list")

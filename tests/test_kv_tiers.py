@@ -5,7 +5,8 @@ import torch
 import pytest
 
 from nanoflow import LLM, SamplingParams
-from nanoflow.engine.kv_tiers import DiskTier, KVTiers
+from nanoflow.engine.kv_disk import DiskTier
+from nanoflow.engine.kv_tiers import KVTiers
 
 PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 SYSTEM = ("You are a careful assistant. Answer briefly and precisely, never make up facts, and say so when "

@@ -39,12 +39,8 @@ def test_preemption_matches_hf(hf_reference):
 
 def test_pure_torch_path_matches_hf(hf_reference):
     # --no-cpp-kernels: torch ops only (the fallback where no compiler is available); float32 keeps HF's op order.
-    from nanoflow.kernels import cpu_ext
-    try:
-        llm = LLM("default", dtype="float32", cpp_kernels=False)
-        _check(llm.generate([ids for ids, _ in hf_reference], GREEDY, use_tqdm=False), hf_reference)
-    finally:
-        cpu_ext.set_enabled(True)  # process-wide switch: later tests' engines expect the default
+    llm = LLM("default", dtype="float32", cpp_kernels=False)
+    _check(llm.generate([ids for ids, _ in hf_reference], GREEDY, use_tqdm=False), hf_reference)
 
 
 def test_packed_gemm_keeps_bf16_tokens(hf_reference):

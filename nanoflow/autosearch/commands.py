@@ -9,10 +9,8 @@ import torch
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="'default', a .gguf file, an HF directory or dummy:<preset>")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float32")
-    p.add_argument("--dense-batch", type=int, default=256, help="tokens per step (B_dense)")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    from nanoflow.config import add_model_arguments
+    add_model_arguments(p)
     p.add_argument("--tile", type=int, default=None, help="token-count step of the profile (128 GPU, 32 CPU)")
     p.add_argument("--decode-tokens", type=int, default=None, help="decode tokens of the synthetic step "
                    "(default: half the dense batch; the rest is prefill)")
@@ -41,7 +39,7 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
 def load_model(args):
     from nanoflow.config import resolve_device
     from nanoflow.models.loader import build_model, load_config, parse_dtype, resolve_model
-    device = resolve_device(args.device or "auto")  # the engine's rule and errors
+    device = resolve_device(args.device)  # the engine's rule and errors
     src = resolve_model(args.model)
     cfg = load_config(src)
     shard = None
@@ -52,6 +50,10 @@ def load_model(args):
 
 
 def _grid(args) -> dict:
+    """The profile grid; also fills in --dense-batch's default (the engine's, for this device and dtype)."""
+    if args.dense_batch is None:
+        from nanoflow.config import EngineConfig
+        args.dense_batch = EngineConfig(dtype=args.dtype, device=args.device).dense_batch
     if args.dense_batch < 1:
         raise ValueError(f"--dense-batch must be at least 1, got {args.dense_batch}")
     if args.tile is not None and args.tile < 1:

@@ -22,7 +22,7 @@ import torch
 from nanoflow.flow.ops import StepState, layer_operations, run_op
 from nanoflow.kernels.attention import AttentionMetadata, PrefillChunk
 from nanoflow.autosearch.interference import CoRun, rp_tables
-from nanoflow.costmodel.peak import cache_dir
+from nanoflow.env import cache_dir
 
 ROW_KIND = {"decode_attn": "decode", "prefill_attn": "prefill"}  # rows an op works on within a range
 CORUN_PAIRS = [("gate_up", "decode_attn"), ("qkv", "decode_attn")]  # compute x memory (network: TP only)

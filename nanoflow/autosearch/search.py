@@ -10,14 +10,15 @@ import copy
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from nanoflow.flow.executor import make_executor
 from nanoflow.flow.ops import layer_operations
 from nanoflow.flow.plan import CONTEXT_READERS, Plan, Unit, hazard, sequential_plan, validate
-from nanoflow.autosearch.milp import OpSpec, Problem, Schedule, search_structure, stage2
+from nanoflow.autosearch.milp import search_structure, stage2
+from nanoflow.autosearch.problem import OpSpec, Problem, Schedule
 from nanoflow.autosearch.profile import ROW_KIND, Profile, cache_path, load_or_profile, profile_key, synthetic_step, tp_key
 
 UNIT_KINDS = {"compute": ["compute", "other"], "memory": ["memory"], "network": ["network"]}
@@ -201,18 +202,33 @@ def tune(model, dense_batch: int, out: str | None = None, refresh: bool = False,
     return plan, decision
 
 
-def auto_plan(model, dense_batch: int, device) -> Plan:
-    """`--plan auto`: the cached tuned plan for this model/dtype/dense batch/device, tuned once if missing."""
-    path = cache_path("plans", plan_key(model, dense_batch, torch.device(device)))
+def resolve_auto_plan(config):
+    """`plan="auto"` made concrete before an engine is built: the config with the path of the cached tuned plan
+    for this model/dtype/dense batch/device, tuned once here if missing (tensor parallel: the stored plan, or
+    an error saying what to run). Any other config comes back as it is; engines only ever load a plan file."""
+    if config.plan != "auto":
+        return config
+    if config.executor == "sequential":  # runs no plan
+        return replace(config, plan=None)
+    from nanoflow.models.loader import load_config, parse_dtype, resolve_model
+    model_config, dtype = load_config(resolve_model(config.model)), parse_dtype(config.dtype)
+    if config.tensor_parallel_size > 1:
+        return replace(config, plan=tensor_parallel_plan_path(model_config, dtype, config.device,
+                                                              config.dense_batch, config.tensor_parallel_size))
+    path = cache_path("plans", profile_key(model_config, dtype, torch.device(config.device),
+                                           dense_batch=config.dense_batch))
     try:
-        plan = Plan.load(path)
-        validate(plan, model.operations())
-        return plan
+        validate(Plan.load(path), layer_operations())
     except (OSError, ValueError):
-        pass
-    print(f"nanoflow: no tuned plan for this model/dtype/dense batch/device yet; running `nanoflow tune` once "
-          f"(cached at {path})")
-    return tune(model, dense_batch)[0]
+        print(f"nanoflow: no tuned plan for this model/dtype/dense batch/device yet; running `nanoflow tune` "
+              f"once (cached at {path})")
+        from nanoflow.engine.runner import build_model_for
+        from nanoflow.kernels import cpu_ext
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)  # measure with the threads the engine will use
+        with cpu_ext.switched(config.cpp_kernels):  # and its kernels
+            tune(build_model_for(config, model_config), config.dense_batch)
+    return replace(config, plan=path)
 
 
 def tensor_parallel_plan_path(cfg, dtype: torch.dtype, device, dense_batch: int, tp_size: int) -> str:

@@ -17,7 +17,7 @@ _CHUNK = 1 << 20
 
 def cache_root() -> str:
     """Where converted models live: $NANOFLOW_CACHE_DIR/hf_export, else ~/.cache/nanoflow/hf_export."""
-    from nanoflow.costmodel.peak import cache_dir
+    from nanoflow.env import cache_dir
     return cache_dir("hf_export")
 
 

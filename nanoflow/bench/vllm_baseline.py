@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nanoflow.bench.workloads import BenchRequest, throughput_metrics
+from nanoflow.env import vllm_venv
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
 DEFAULT_BUDGETS = (256, 1024, 2048)
@@ -26,8 +27,8 @@ DEFAULT_BUDGETS = (256, 1024, 2048)
 
 def default_venv() -> Path:
     """$NANOFLOW_VLLM_VENV, else .venv-vllm at the repository root (where `make bench-deps` creates it)."""
-    env = os.environ.get("NANOFLOW_VLLM_VENV")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / ".venv-vllm"
+    venv = vllm_venv()
+    return Path(venv) if venv else Path(__file__).resolve().parents[2] / ".venv-vllm"
 
 
 def missing_venv(venv: str | os.PathLike) -> str | None:

@@ -6,11 +6,12 @@ irrelevant to throughput; prompts are seeded random token ids and only their len
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from nanoflow import env
 
 TRACE_SPECS = ("splitwise", "lmsys", "sharegpt")
 # Token ids below this are often special/control tokens in small vocabularies; keep prompts "plain".
@@ -35,7 +36,7 @@ def find_traces_dir(traces_dir: str | None = None) -> Path:
             raise FileNotFoundError(f"traces dir {traces_dir!r} does not exist")
         return Path(traces_dir)
     repo_root = Path(__file__).resolve().parents[2]  # nanoflow/bench/workloads.py -> repo root
-    candidates = [os.environ.get("NANOFLOW_TRACES"),
+    candidates = [env.traces_dir(),
                   repo_root.parent / "shared" / "traces", Path.cwd().parent / "shared" / "traces"]
     tried = [str(c) for c in candidates if c]
     for cand in tried:

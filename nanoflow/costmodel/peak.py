@@ -1,7 +1,7 @@
 """Measured peaks of this machine: GEMM FLOP/s at the model's real shapes (the `Compute` of Eq. 5,
 which the paper measures rather than takes from a datasheet) and memory bandwidth.
 
-Results are cached in ~/.cache/nanoflow/peak.json so a second run is instant. A peak is the best the
+Results are cached in <cache dir>/peak.json (env.cache_dir) so a second run is instant. A peak is the best the
 machine has shown: a re-measurement keeps the larger of the new and the cached value, because a measurement
 taken while other work shares the cores can only come out low (it must never lower the optimum).
 """
@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from nanoflow.env import cache_dir
 from nanoflow.models.config import ModelConfig
 
 MAX_WEIGHT_BYTES = 512 * 2**20  # slice N beyond this: FLOP/s, not the full weight, is the point
@@ -22,15 +23,7 @@ MAX_CALL_FLOPS = {"cpu": 2e10, "cuda": 2e13}  # keep one call well under the tim
 
 
 def default_cache_path() -> str:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "nanoflow", "peak.json")
-
-
-def cache_dir(kind: str) -> str:
-    """$NANOFLOW_CACHE_DIR/<kind>, else ~/.cache/nanoflow/<kind> (XDG_CACHE_HOME honoured): profiles, plans,
-    converted models."""
-    root = os.environ.get("NANOFLOW_CACHE_DIR") or os.path.dirname(default_cache_path())
-    return os.path.join(root, kind)
+    return os.path.join(cache_dir(), "peak.json")
 
 
 def _load(path: str) -> dict:

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from nanoflow.config import add_model_arguments, preferred_dtype
 from nanoflow.models.config import PRESETS, ModelConfig
 from nanoflow.costmodel.analysis import PAPER_MODELS, WORKLOADS, Roofline, analyze, classify
 from nanoflow.costmodel.hardware import TABLE1, Hardware, get_hardware
@@ -19,16 +20,10 @@ MEASURED = ("cpu", "cuda")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default",
-                        help="preset name, dummy:<preset>, 'default' (smollm2-135m), an HF directory "
-                             "with config.json or a .gguf file")
+    add_model_arguments(parser, device=False)  # --model (also a preset name), --dtype, --dense-batch
     parser.add_argument("--hardware", default="cpu",
                         help=f"'cpu' or 'cuda' (measured here) or a Table 1 name: {', '.join(TABLE1)}")
     parser.add_argument("--num-devices", type=int, default=1, help="devices under tensor parallelism")
-    parser.add_argument("--dense-batch", type=int, default=None,
-                        help="tokens per iteration (default 2048 on GPUs, 256 on cpu)")
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES),
-                        help="weight/KV/activation dtype (S_type); the measured GEMM dtype")
     parser.add_argument("--workload", default="const:512/512",
                         help="const:IN/OUT or a Table 4 dataset (lmsys, splitwise, sharegpt)")
     parser.add_argument("--params", type=float, default=None,
@@ -102,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
         p, d = parse_workload(args.workload)
         hw_name = args.hardware.lower()
         measured = hw_name in MEASURED
+        if args.dtype == "auto":  # the S_type of the engine's default on that hardware
+            args.dtype = preferred_dtype("cpu" if hw_name == "cpu" else "cuda")
+        if args.dtype not in DTYPE_BYTES:
+            raise ValueError(f"unsupported dtype {args.dtype!r}; choose auto or one of {', '.join(DTYPE_BYTES)}")
         batch = args.dense_batch or (256 if hw_name == "cpu" else 2048)
         if batch < 1 or args.num_devices < 1:
             raise ValueError("--dense-batch and --num-devices must be >= 1")

@@ -21,13 +21,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from nanoflow import env
 from nanoflow.distributed.comm import TPGroup
 from nanoflow.distributed.shard import TPShard, even_ranges
-
-
-def torchrun_rank() -> int | None:
-    """This process's rank when started by torchrun (env:// rendezvous), else None."""
-    return int(os.environ["RANK"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else None
 
 
 def rank_cores(rank: int, per_node: int) -> list[int]:
@@ -97,7 +93,7 @@ def start_tensor_parallel(config, model_config, num_blocks: int) -> tuple[TPWork
                          "(LLMEngine.shutdown())")
     ctx = mp.get_context("spawn")
     workers = TPWorkers(errors=ctx.Queue())
-    external = torchrun_rank()
+    external = env.torchrun_rank()  # started by torchrun (env:// rendezvous)
     if external is not None:  # torchrun started every rank: this process is one of them
         if external != 0:
             worker_main(config, model_config, num_blocks, external, "env://", workers.errors, own_process=False)
@@ -153,8 +149,6 @@ def worker_main(config, model_config, num_blocks: int, rank: int, init: str, err
     """A worker rank: join the group, build this rank's shard and runner, serve steps until told to stop."""
     if own_process:
         _die_with_parent()
-    from nanoflow.kernels import cpu_ext
-    cpu_ext.set_enabled(config.cpp_kernels)
     world, per_node = config.tensor_parallel_size, config.tensor_parallel_size // config.nnodes
     device = _rank_device(torch.device(config.device), rank, per_node)
     if device.type == "cpu":
@@ -163,8 +157,8 @@ def worker_main(config, model_config, num_blocks: int, rank: int, init: str, err
         torch.cuda.set_device(device)
     try:
         group = TPGroup.connect(TPShard.of(model_config, rank, world), device, init, config.distributed_timeout_s)
-        from nanoflow.engine.runner import build_runner
-        runner = build_runner(replace(config, device=str(device)), model_config, num_blocks, group)
+        from nanoflow.engine.runner import ModelRunner
+        runner = ModelRunner(replace(config, device=str(device)), model_config, num_blocks, group)
     except BaseException as e:
         errors.put((rank, f"{type(e).__name__}: {e}"))
         raise

@@ -15,12 +15,12 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from types import SimpleNamespace
 
 from nanoflow.batch.grouping import prefix_key
 from nanoflow.config import EngineConfig
 from nanoflow.engine import dp_worker as w
 from nanoflow.engine import logits_process
+from nanoflow.engine.dp_view import SchedulerView
 from nanoflow.engine.request import Request
 from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
 from nanoflow.outputs import CompletionOutput, RequestOutput
@@ -31,7 +31,11 @@ AFFINITY_ENTRIES = 1 << 16  # prefixes remembered (LRU)
 
 
 def make_engine(config: EngineConfig):
-    """LLMEngine, or DataParallelEngine when config.data_parallel_size > 1."""
+    """LLMEngine, or DataParallelEngine when config.data_parallel_size > 1 (`plan="auto"` resolved here, once,
+    before any engine or replica is built)."""
+    if config.plan == "auto":
+        from nanoflow.autosearch.search import resolve_auto_plan
+        config = resolve_auto_plan(config)
     if config.data_parallel_size > 1:
         return DataParallelEngine(config)
     from nanoflow.engine.engine import LLMEngine
@@ -72,7 +76,7 @@ class _Outstanding:
 
 class DataParallelEngine:
     def __init__(self, config: EngineConfig) -> None:
-        from nanoflow.engine.engine import StepStats
+        from nanoflow.engine.stats import StepStats
         self.config = config
         self.replicas: list[Replica] = []
         from nanoflow.models.loader import load_config, resolve_model
@@ -107,7 +111,7 @@ class DataParallelEngine:
         self.max_model_len = info.max_model_len
         sc = SchedulerConfig(max_model_len=info.max_model_len, block_size=info.block_size,
                              num_blocks=info.num_blocks, max_num_seqs=info.max_num_seqs)
-        self.scheduler = _SchedulerView(sc, self.replicas)  # read-only, for OpenAIServing and the server metrics
+        self.scheduler = SchedulerView(sc, self.replicas)  # read-only, for OpenAIServing and the server metrics
         self._checker = Scheduler(sc)  # the replicas' own fit check, run here so a bad request fails at once
 
     def _wait_ready(self, r: Replica) -> w.ReplicaInfo | None:
@@ -274,32 +278,3 @@ class DataParallelEngine:
 def _aborted(msg: w.AddRequest) -> RequestOutput:
     return RequestOutput(msg.request_id, msg.prompt, msg.prompt_token_ids, [CompletionOutput(0, "", [], "abort")],
                          finished=True)
-
-
-class _SchedulerView:
-    """What readers of `engine.scheduler` use (the config; the server's gauges), summed over the replicas'
-    latest snapshots."""
-
-    def __init__(self, config: SchedulerConfig, replicas: list[Replica]) -> None:
-        self.config, self._replicas = config, replicas
-
-    def _sum(self, name: str) -> int:
-        return sum(getattr(r.snapshot, name) for r in self._replicas if r.alive and r.snapshot is not None)
-
-    @property
-    def waiting(self) -> range:  # (only its length is read)
-        return range(self._sum("num_waiting"))
-
-    @property
-    def running(self) -> range:
-        return range(self._sum("num_running"))
-
-    @property
-    def num_preemptions(self) -> int:
-        return sum(r.snapshot.num_preemptions for r in self._replicas if r.snapshot is not None)
-
-    @property
-    def block_manager(self):
-        total = self.config.num_blocks * max(1, sum(r.alive for r in self._replicas))
-        free = self._sum("num_free_blocks") if any(r.snapshot for r in self._replicas) else total
-        return SimpleNamespace(num_blocks=total, num_free_blocks=free, usage=1.0 - free / total)

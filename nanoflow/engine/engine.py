@@ -16,10 +16,10 @@ from nanoflow.engine import logits_process
 from nanoflow.engine.async_exec import DeviceClock, DeviceWorker, InFlightStep, run_timed
 from nanoflow.engine.kv_tiers import kv_cache_salt, make_kv_tiers
 from nanoflow.engine.request import Request
-from nanoflow.engine.runner import build_runner, kv_cache_blocks
+from nanoflow.engine.runner import ModelRunner, kv_cache_blocks
 from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
+from nanoflow.engine.stats import StepStats
 from nanoflow.engine.structured_output import GrammarCompilerCache
-from nanoflow.kernels import cpu_ext
 from nanoflow.models.loader import load_config, parse_dtype, resolve_model
 from nanoflow.outputs import CompletionOutput, RequestOutput
 from nanoflow.profiling import region
@@ -36,39 +36,14 @@ class RequestGroup:
     detoks: list[IncrementalDetokenizer] = field(default_factory=list)
 
 
-@dataclass
-class StepStats:
-    num_steps: int = 0
-    prompt_tokens: int = 0  # prefill tokens computed (including recompute after preemption)
-    generated_tokens: int = 0
-    step_time_s: float = 0.0
-    prefix_hit_tokens: int = 0  # prompt tokens whose KV was reused from device blocks (not computed)
-    tier_hit_tokens: int = 0  # prompt tokens whose KV was reloaded from the host/disk tiers (not computed)
-    # Where the engine thread's time goes (CPU) and how long the device sat idle between steps.
-    schedule_s: float = 0.0  # Scheduler.schedule
-    prepare_s: float = 0.0  # step metadata: token ids, positions, slots, block tables (runner.prepare)
-    process_s: float = 0.0  # reading tokens back: append, detokenize, stop checks, outputs
-    wait_s: float = 0.0  # engine thread blocked until the device finished a step
-    device_busy_s: float = 0.0  # forward + sampling
-    device_idle_s: float = 0.0  # gaps between consecutive steps while there was work
-
-    def breakdown(self) -> dict[str, float]:
-        """CPU ms per step by part and device idle %, for benchmarks."""
-        n = max(1, self.num_steps)
-        busy_idle = self.device_busy_s + self.device_idle_s
-        return {"schedule_ms": 1e3 * self.schedule_s / n, "prepare_ms": 1e3 * self.prepare_s / n,
-                "process_ms": 1e3 * self.process_s / n,
-                "cpu_ms": 1e3 * (self.schedule_s + self.prepare_s + self.process_s) / n,
-                "device_ms": 1e3 * self.device_busy_s / n,
-                "device_idle_pct": 100.0 * self.device_idle_s / busy_idle if busy_idle else 0.0}
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
+        if config.plan == "auto":  # tuning is a command's job, not the constructor's
+            raise ValueError('plan="auto": resolve it first (autosearch.search.resolve_auto_plan, as make_engine '
+                             'does)')
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        cpu_ext.set_enabled(config.cpp_kernels)
         src = resolve_model(config.model)
         self.dtype = parse_dtype(config.dtype)
         self.model_config = load_config(src)
@@ -78,16 +53,13 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks or kv_cache_blocks(
             self.model_config, self.dtype, config.block_size, config.kv_cache_gb, config.tensor_parallel_size)
         self.tp_workers, tp_group = self._start_tensor_parallel(num_blocks)
-        runner = build_runner(self.config, self.model_config, num_blocks, tp_group)
+        self.runner = ModelRunner(self.config, self.model_config, num_blocks, tp_group)
         if tp_group is not None:
             tp_group.barrier()  # every rank built its shard (a worker that failed to has exited: this raises)
-        self.scheduler = Scheduler(SchedulerConfig(
-            dense_batch=config.dense_batch, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-            block_size=config.block_size, num_blocks=num_blocks, admission_control=config.admission_control,
-            prefix_caching=config.prefix_caching,
-            cache_salt=kv_cache_salt(src, self.dtype, config.block_size, config.seed, config.device)))
-        self.runner = runner
-        self.kv_tiers = self.scheduler.kv_tiers = make_kv_tiers(config, self.runner.kv_caches, self.runner.stream)
+        self.kv_tiers = make_kv_tiers(config, self.runner.kv_caches, self.runner.stream)
+        salt = kv_cache_salt(src, self.dtype, config.block_size, config.seed, config.device)
+        self.scheduler = Scheduler(SchedulerConfig.from_engine_config(config, self.max_model_len, num_blocks, salt),
+                                   self.kv_tiers, kv_fence=self._wait_for_steps_of)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -98,18 +70,12 @@ class LLMEngine:
         self._worker = DeviceWorker(self.runner) if config.async_scheduling else None
         self._in_flight: deque[InFlightStep] = deque()  # launched, tokens not read back yet (async: at most 1)
         self._clock = DeviceClock()
-        self.scheduler.kv_fence = self._wait_for_steps_of
 
     def _start_tensor_parallel(self, num_blocks: int):
         """(workers, rank 0's group) with tensor_parallel_size > 1, else (None, None)."""
         self._finalizer = None
         if self.config.tensor_parallel_size == 1:
             return None, None
-        if self.config.plan == "auto":  # every rank loads the stored plan (tuning needs all ranks)
-            from nanoflow.autosearch.search import tensor_parallel_plan_path
-            self.config = replace(self.config, plan=tensor_parallel_plan_path(
-                self.model_config, self.dtype, self.config.device, self.config.dense_batch,
-                self.config.tensor_parallel_size))
         from nanoflow.distributed.launch import start_tensor_parallel
         workers, group = start_tensor_parallel(self.config, self.model_config, num_blocks)
         if group is None:  # this node (or torchrun rank) only served steps, and rank 0 has shut down
@@ -302,7 +268,6 @@ class LLMEngine:
 
 
 def _child_params(params: SamplingParams, i: int) -> SamplingParams:
-    import dataclasses
     seed = None if params.seed is None else params.seed + i
     # The prompt's logprobs are the same for every sample: only the first child computes them.
-    return dataclasses.replace(params, n=1, seed=seed, prompt_logprobs=params.prompt_logprobs if i == 0 else None)
+    return replace(params, n=1, seed=seed, prompt_logprobs=params.prompt_logprobs if i == 0 else None)

@@ -13,6 +13,7 @@ from nanoflow.engine.sampler import SampleResult, SampleRow, Sampler
 from nanoflow.engine.scheduler import ScheduledBatch
 from nanoflow.engine.transfer import host_to_device
 from nanoflow.flow.executor import make_executor
+from nanoflow.kernels import cpu_ext
 from nanoflow.kernels.attention import AttentionMetadata, PrefillChunk
 from nanoflow.models.config import ModelConfig
 from nanoflow.profiling import region
@@ -47,8 +48,9 @@ def kv_cache_blocks(cfg: ModelConfig, dtype: torch.dtype, block_size: int, memor
     return max(1, int(memory_gb * (1 << 30)) // per_block)
 
 
-def build_runner(config, model_config: ModelConfig, num_blocks: int, tp_group=None) -> "ModelRunner":
-    """The model (this rank's shard under TP, joined to `tp_group`) on its device, and its runner."""
+def build_model_for(config, model_config: ModelConfig, tp_group=None):
+    """The model as an engine with `config` runs it (this rank's shard under TP, joined to `tp_group`), on its
+    device: C++ kernels loaded and GEMM weights prepacked where they apply."""
     from nanoflow.models.layers import packed_gemm_supported
     from nanoflow.models.loader import build_model, parse_dtype, resolve_model
     dtype = parse_dtype(config.dtype)
@@ -56,13 +58,14 @@ def build_runner(config, model_config: ModelConfig, num_blocks: int, tp_group=No
     model = build_model(resolve_model(config.model), model_config, dtype, seed=config.seed, device=config.device,
                         shard=shard)
     model.tp = tp_group
-    if torch.device(config.device).type == "cpu":
-        from nanoflow.kernels import cpu_ext
+    if torch.device(config.device).type == "cpu" and config.cpp_kernels:
         cpu_ext.get()  # build/load the C++ kernels now, not inside the first step (TP: before the ranks' barrier)
     if config.packed_gemm and packed_gemm_supported(dtype, config.device) and _room_for_packed(model):
         model.prepack_linears(config.dense_batch)
-    return ModelRunner(model, model.cfg, dtype, num_blocks, config.block_size, config.seed, config.executor,
-                       config.plan, config.dense_batch)
+    if config.batch_invariant:
+        from nanoflow.kernels import batch_invariant
+        batch_invariant.enable(model)
+    return model
 
 
 def _room_for_packed(model) -> bool:
@@ -79,16 +82,20 @@ def _room_for_packed(model) -> bool:
 
 
 class ModelRunner:
-    def __init__(self, model, cfg: ModelConfig, dtype: torch.dtype, num_blocks: int, block_size: int,
-                 seed: int = 0, executor: str = "sequential", plan: str | None = None, dense_batch: int = 256) -> None:
-        self.model, self.cfg, self.dtype, self.block_size = model, cfg, dtype, block_size
-        self.device = next(model.parameters()).device
-        self.tp = model.tp  # tensor parallelism: rank 0 sends each step to the workers and samples
+    def __init__(self, config, model_config: ModelConfig, num_blocks: int, tp_group=None) -> None:
+        """The model for an EngineConfig (build_model_for: this rank's shard under TP), its KV pool of
+        `num_blocks` blocks, its sampler and its executor."""
+        from nanoflow.models.loader import parse_dtype
+        self.model = build_model_for(config, model_config, tp_group)
+        self.cfg, self.dtype, self.block_size = self.model.cfg, parse_dtype(config.dtype), config.block_size
+        self.device = next(self.model.parameters()).device
+        self.tp = tp_group  # tensor parallelism: rank 0 sends each step to the workers and samples
+        self.cpp_kernels = config.cpp_kernels  # this engine's C++ CPU kernel switch (every step runs under it)
         # How each step's layers run (nanoflow/flow): called like the model, returns the final hidden states.
-        self.executor = make_executor(executor, plan, model, self.device, dense_batch)
-        shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_layers)]
-        self.sampler = Sampler(seed, self.device)
+        self.executor = make_executor(config.executor, config.plan, self.model, self.device, config.dense_batch)
+        shape = (2, num_blocks, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.cfg.num_layers)]
+        self.sampler = Sampler(config.seed, self.device)
         self._step_id = 0
         self._prev_rows: dict[str, int] = {}  # request id -> its row in the last prepared step's samples
         self._prev_tokens: torch.Tensor | None = None  # last run step's sampled tokens (device side)
@@ -167,7 +174,8 @@ class ModelRunner:
         self._ran_step = inp.step_id
         if self.tp is not None and self.tp.rank == 0:
             self.tp.post_step(_for_workers(inp))
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext(), \
+                cpu_ext.switched(self.cpp_kernels):
             if self.device.type != "cpu":
                 _to_device(inp, self.device)
             for blocks, staging in inp.kv_loads:  # in step order, before the step reads those pages

@@ -21,6 +21,14 @@ class SchedulerConfig:
     prefix_caching: bool = False  # reuse cached full KV blocks (block_manager.py)
     cache_salt: bytes = b""  # what else changes the KV (model, dtype): part of every block hash
 
+    @classmethod
+    def from_engine_config(cls, config, max_model_len: int, num_blocks: int, cache_salt: bytes) -> "SchedulerConfig":
+        """The scheduler's part of an EngineConfig, with the values the engine derives (context length, pool
+        size, KV salt)."""
+        return cls(dense_batch=config.dense_batch, max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
+                   block_size=config.block_size, num_blocks=num_blocks, admission_control=config.admission_control,
+                   prefix_caching=config.prefix_caching, cache_salt=cache_salt)
+
 
 @dataclass
 class ScheduledChunk:
@@ -79,11 +87,12 @@ def check_request_fits(num_prompt_tokens: int, max_tokens: int, max_model_len: i
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, kv_tiers=None,
+                 kv_fence: Callable[[Request], None] | None = None) -> None:
         self.config = config
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.prefix_caching,
                                           config.cache_salt)
-        self.kv_tiers = None  # host/disk KV tiers (kv_tiers.py), set by the engine
+        self.kv_tiers = kv_tiers  # host/disk KV tiers (kv_tiers.KVTiers) or None
         self.num_prefix_hit_tokens = 0  # prompt tokens reused from device blocks
         self.num_tier_hit_tokens = 0  # prompt tokens reloaded from the host/disk tiers
         self.waiting: deque[Request] = deque()
@@ -92,7 +101,7 @@ class Scheduler:
         self._avg_output_len: float | None = None  # learned from finished requests
         # Async scheduling: called before a running request's KV is freed by preemption, so that a step in
         # flight that still writes those blocks completes first (the engine waits for it).
-        self.kv_fence: Callable[[Request], None] | None = None
+        self.kv_fence = kv_fence
 
     def check_fits(self, req: Request) -> None:
         """Reject up front what could never run, instead of letting it wait forever."""

@@ -2,8 +2,9 @@
 under a lock that dies with its holder) and exposes them.
 
 Falls back to the plain-torch path when no compiler is available, so nothing depends on it for
-correctness. `set_enabled(False)` (or NANOFLOW_NO_CPP=1) switches every C++ kernel off, for ablations
-and for tests that compare the two paths.
+correctness. Each engine says whether it wants them (`EngineConfig.cpp_kernels`, `--no-cpp-kernels`): its runner
+runs every step inside `switched(flag)`, so engines with different settings coexist in one process.
+NANOFLOW_NO_CPP=1 switches every C++ kernel off whatever an engine asks, for ablations and tests.
 """
 from __future__ import annotations
 
@@ -12,19 +13,26 @@ import functools
 import logging
 import os
 
-from nanoflow import profiling
+from nanoflow import env, profiling
 
 log = logging.getLogger(__name__)
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _SOURCES = [os.path.join(_CSRC, f) for f in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp")]
-_env_off = os.environ.get("NANOFLOW_NO_CPP") == "1"
-_enabled = not _env_off
+_env_off = env.no_cpp()
+_enabled = not _env_off  # outside a step: the default; inside one: that engine's choice (switched)
 
 
-def set_enabled(flag: bool) -> None:
-    """Process-wide (the kernels are module-level functions); the environment switch always wins."""
+@contextlib.contextmanager
+def switched(flag: bool):
+    """C++ kernels on (`flag`) or off for the code inside: a runner's step, with its engine's setting. The
+    kernels are module-level functions picked deep in the model (get/enabled), so the step scopes the choice
+    rather than every call site carrying it; the environment switch always wins."""
     global _enabled
-    _enabled = flag and not _env_off
+    before, _enabled = _enabled, flag and not _env_off
+    try:
+        yield
+    finally:
+        _enabled = before
 
 
 def enabled() -> bool:
@@ -65,7 +73,7 @@ def load():
         from torch.utils.cpp_extension import load as load_ext
         path = build_dir()
         os.makedirs(path, exist_ok=True)
-        timeout = float(os.environ.get("NANOFLOW_CPP_BUILD_TIMEOUT", BUILD_TIMEOUT_S))
+        timeout = env.cpp_build_timeout_s(BUILD_TIMEOUT_S)
         with build_lock(path + ".lock", timeout) as held:
             if not held:
                 log.warning("C++ CPU kernels: another process has held the build lock %s.lock for over %.0f s; "
@@ -89,7 +97,6 @@ def build_dir() -> str:
 
     import torch
 
-    from nanoflow.costmodel.peak import cache_dir
     h = hashlib.sha256()
     for f in _SOURCES:
         with open(f, "rb") as fh:
@@ -99,7 +106,7 @@ def build_dir() -> str:
     h.update(" ".join(_CFLAGS + _LDFLAGS + [sys.prefix, sys.version, platform.machine(), _cpu_flags(),
                                             os.path.dirname(os.path.abspath(_SOURCES[0]))]).encode())
     tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-{h.hexdigest()[:16]}"
-    return os.path.join(cache_dir("cpp"), tag.replace("+", "_"))
+    return os.path.join(env.cache_dir("cpp"), tag.replace("+", "_"))
 
 
 def _cpu_flags() -> str:
