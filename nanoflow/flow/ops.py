@@ -30,7 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoflow.kernels import batch_invariant
 from nanoflow.kernels.attention import AttentionMetadata, attend_decode, attend_prefill, slice_metadata
+from nanoflow.models.layers import tiled_linear
 
 KINDS = ("compute", "memory", "network", "other")
 
@@ -110,6 +112,8 @@ def _linear_into(state: StepState, name: str, start: int, end: int, linear, x: t
     """y = linear(x) into rows of a buffer: rebinding on the full range, GEMM straight into the rows otherwise."""
     if state.full(start, end):
         setattr(state, name, linear(x))
+    elif linear.batch_invariant:
+        tiled_linear(x, linear.weight, linear.bias, linear.packed, out=getattr(state, name)[start:end])
     elif linear.bias is None:
         torch.mm(x, linear.weight.t(), out=getattr(state, name)[start:end])
     else:
@@ -146,7 +150,12 @@ def _attention(decode: bool):
         attn, (meta, _) = layer.self_attn, state.rows(a, b)
         q, k, v = attn.split(state.qkv[a:b])
         out = state.attn_out[a:b].view(b - a, -1, attn.cfg.head_dim)
-        if decode:
+        if state.model.batch_invariant:  # every query row over its own context, one fixed reduction order
+            if decode:
+                batch_invariant.attend_decode(out, q, state.kv_caches[li], meta, attn.scale)
+            else:
+                batch_invariant.attend_prefill(out, q, state.kv_caches[li], meta, attn.scale)
+        elif decode:
             attend_decode(out, q, state.kv_caches[li], meta, attn.scale)
         else:
             attend_prefill(out, q, k, v, state.kv_caches[li], meta, attn.scale)

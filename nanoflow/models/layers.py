@@ -93,15 +93,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Linear(nn.Module):
     """y = x W^T (+ b); weights kept in the serving dtype, never trained. `packed` (set by `prepack_linears`)
     is the same weight in oneDNN's blocked layout, used by forward; `weight` stays for the paths that write
-    GEMM results into rows of a buffer (nano-batches) and for other devices."""
+    GEMM results into rows of a buffer (nano-batches) and for other devices. `batch_invariant` (set by
+    `kernels.batch_invariant.enable`): every GEMM in fixed tiles of GEMM_TILE_ROWS rows (`tiled_linear`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None
+        self.batch_invariant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            return tiled_linear(x, self.weight, self.bias, self.packed)
         if self.packed is not None:
             return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -125,14 +129,42 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+# Batch-invariant mode: every GEMM runs on exactly this many rows (the last tile zero-padded), so oneDNN/MKL
+# pick one blocking per weight shape and a row's sums never depend on how many rows share its step. 64: per-row
+# cost within ~5% of M=1024 (SmolLM2's layer GEMMs, bf16, 1 thread); a lone decode row pays for 64.
+GEMM_TILE_ROWS = 64
+HEAD_TILE_ROWS = 16  # the LM head's tile: few rows sample, and a padded head row costs 49152x576 MACs
+
+
+def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 packed: torch.Tensor | None = None, tile: int = GEMM_TILE_ROWS,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ b) computed tile rows at a time, every call of exactly `tile` rows: row i's result is the
+    same whatever M, its position, its row-mates, the executor's split or the thread count (checked in
+    tests/test_batch_invariant.py). `out`: rows to write into (a nano-batch's rows of a step buffer)."""
+    if out is None:
+        out = x.new_empty(x.shape[0], weight.shape[0])
+    gemm = (lambda a: packed_linear(a, packed, bias)) if packed is not None else (lambda a: F.linear(a, weight, bias))
+    for start in range(0, x.shape[0], tile):
+        rows = x[start:start + tile]
+        if rows.shape[0] < tile:  # zero-pad the last tile: the same GEMM shape as every other tile
+            rows = torch.cat((rows, rows.new_zeros(tile - rows.shape[0], rows.shape[1])))
+        out[start:start + tile] = gemm(rows)[:out.shape[0] - start]
+    return out
+
+
 LOGITS_BLOCK = 2048  # vocab rows per GEMM on the CPU
 
 
-def logits_linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
+def logits_linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None,
+                  batch_invariant: bool = False) -> torch.Tensor:
     """x [T, d] @ w[V, d]^T. `packed`: the head prepacked for oneDNN, one GEMM (1.2x the blocks below, bf16).
     Else on the CPU a vocab-sized weight goes in blocks of LOGITS_BLOCK rows: one [V, d] float32 GEMM ran at
     60-70% of the blocks' FLOP/s (SmolLM2's 49152x576 head, 2 threads), and each block's values are
-    bit-identical to the full GEMM's. --no-cpp-kernels keeps the single GEMM."""
+    bit-identical to the full GEMM's. --no-cpp-kernels keeps the single GEMM. `batch_invariant`: fixed row
+    tiles of HEAD_TILE_ROWS (`tiled_linear`)."""
+    if batch_invariant:
+        return tiled_linear(x, w, None, packed, HEAD_TILE_ROWS)
     if packed is not None:
         return packed_linear(x, packed)
     if x.device.type != "cpu" or not cpu_ext.enabled() or w.shape[0] <= 2 * LOGITS_BLOCK:

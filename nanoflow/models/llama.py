@@ -86,6 +86,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, rows)
         self.packed_head: torch.Tensor | None = None  # the LM head in oneDNN's layout (prepack_linears)
         self.tp = None  # the rank's TPGroup once it joined (distributed/comm.py); None: one device
+        self.batch_invariant = False  # kernels/batch_invariant.enable
 
     @property
     def tp_size(self) -> int:
@@ -131,5 +132,5 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits over the whole vocabulary; under TP gathered on rank 0, which samples (None elsewhere)."""
-        logits = logits_linear(hidden, self.head_weight(), self.packed_head)
+        logits = logits_linear(hidden, self.head_weight(), self.packed_head, self.batch_invariant)
         return logits if self.tp is None else self.tp.gather_vocab(logits, self.vocab_size)
