@@ -69,6 +69,15 @@ def test_graph_cache_captures_on_second_sight_and_evicts_lru():
     assert c.get("b") is None and c.get("a") == 1 and c.get("c") == 3
 
 
+def test_both_backends_provide_the_execution_units_protocol():
+    from nanoflow.flow.cpu_units import CpuUnits
+    from nanoflow.flow.executor import ExecutionUnits
+    members = {m for m in vars(ExecutionUnits) if not m.startswith("_")}
+    assert members == {"run", "run_op", "close"}
+    for backend in (CpuUnits, cu.CudaUnits):
+        assert all(callable(getattr(backend, m, None)) for m in members), backend
+
+
 def test_issue_sequence_respects_orders_and_dependencies():
     from nanoflow.flow.executor import compile_program
     from nanoflow.flow.plan import overlap_plan

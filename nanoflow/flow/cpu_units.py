@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from nanoflow.flow.ops import run_op
+
 _libs: dict[str, ctypes.CDLL | None] = {}
 
 
@@ -56,7 +58,7 @@ def partition_cores(shares: list[float], cores: list[int]) -> list[list[int]]:
 
 
 class CpuUnits:
-    """The ExecutionUnits backend for the CPU (CudaUnits in cuda_units.py has the same interface)."""
+    """The CPU backend of `flow.executor.ExecutionUnits` (CudaUnits in cuda_units.py is the GPU one)."""
 
     def __init__(self, units, device=None) -> None:
         self.names = [u.name for u in units]
@@ -69,6 +71,10 @@ class CpuUnits:
         self._error: BaseException | None = None
         self._threads: list[threading.Thread] = []
         self._closed = False
+
+    def run_op(self, model, task, state, start: int, end: int) -> None:
+        """A task's math on token rows [start, end): the plain op, on the calling worker's cores."""
+        run_op(model, task.layer, task.op, state, start, end)
 
     def _start(self) -> None:
         for u in range(len(self.names)):

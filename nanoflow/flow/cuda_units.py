@@ -18,10 +18,11 @@ against the documented APIs and has never executed on a CUDA device in this proj
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
+
+from nanoflow import env
 
 log = logging.getLogger(__name__)
 MECHANISMS = ("driver", "torch", "soft", "none")
@@ -154,8 +155,8 @@ def issue_sequence(program) -> list[tuple[int, int]]:
 
 
 class CudaUnits:
-    """The ExecutionUnits backend for a GPU (same interface as cpu_units.CpuUnits): one stream per unit,
-    partitioned by SM share (see the module docstring)."""
+    """The GPU backend of `flow.executor.ExecutionUnits` (cpu_units.CpuUnits is the CPU one): one stream per
+    unit, partitioned by SM share (see the module docstring)."""
 
     def __init__(self, units, device: str | torch.device = "cuda", mechanism: str | None = None) -> None:
         reason = cuda_unavailable_reason()
@@ -170,7 +171,7 @@ class CudaUnits:
         self.total_sms = props.multi_processor_count
         self.min_sms, self.granularity = arch_constraints(props.major, props.minor)
         counts = partition_sms(shares, self.total_sms, self.min_sms, self.granularity)
-        wanted = mechanism or os.environ.get("NANOFLOW_SM_PARTITION") or "auto"
+        wanted = mechanism or env.sm_partition() or "auto"
         if wanted not in MECHANISMS + ("auto",):
             raise ValueError(f"NANOFLOW_SM_PARTITION={wanted!r}: choose auto or one of {', '.join(MECHANISMS)}")
         self.mechanism, self.streams, self.sm_counts = self._make_streams(shares, counts, wanted)
@@ -199,7 +200,7 @@ class CudaUnits:
         return self.sm_counts[unit] if self.mechanism == "soft" else None
 
     def run_op(self, model, task, state, start: int, end: int) -> None:
-        """The op runner executors should call for a task on these units: SM-limited kernels in soft mode."""
+        """A task's op on rows [start, end) on this unit: SM-limited kernels in soft mode."""
         from nanoflow.flow.cuda_soft import run_op_limited
         before = [getattr(state, n) for n in STEP_BUFFERS]
         run_op_limited(model, task.layer, task.op, state, start, end, self.sm_budget(self.names[task.unit]))

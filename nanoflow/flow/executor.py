@@ -9,22 +9,20 @@
   events). A backend receives a compiled `Program`: per unit, the tasks of every layer in issue order, each
   with the (unit, position) pairs it must wait for; it calls `fn(task)` to do the math.
 
-The backend interface (`ExecutionUnits`): `Backend(units: list[plan.Unit], device)`;
-`.run(program, fn, trace, num_tokens)` runs each unit's tasks in order, a task only after its `deps`, calls
-`fn(task)` for the math, appends (unit name, task, start s, end s) to `trace` when it is a list, and returns when
-the step is done; optional `.run_op(model, task, state, start, end)` replaces `ops.run_op`; `.close()`.
+The backend interface is the `ExecutionUnits` protocol below, built as `Backend(units: list[plan.Unit], device)`.
 
 An executor is called like the model: `executor(input_ids, positions, meta, kv_caches) -> final hidden`.
 Setting `executor.trace = []` records (unit name, task, start s, end s) per nano-op of the following calls.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 
+from nanoflow import env
 from nanoflow.flow.ops import StepState, final_hidden, run_op
 from nanoflow.flow.plan import Plan, dependencies, issue_order, nanobatch_plan, overlap_plan, parse_nano, \
     plan_operations, sequential_plan, validate
@@ -55,6 +53,22 @@ class NanoTask:
 class Program:
     units: list[str]  # unit names
     tasks: list[list[NanoTask]]  # per unit, layer after layer, in issue order
+
+
+class ExecutionUnits(Protocol):
+    """What the overlap executor needs of a backend (`cpu_units.CpuUnits`, `cuda_units.CudaUnits`)."""
+
+    def run(self, program: Program, fn: Callable[[NanoTask], None], trace: list | None = None,
+            num_tokens: int = 0) -> None:
+        """Run each unit's tasks in order, a task only after its `deps`, calling `fn(task)` for the math;
+        append (unit name, task, start s, end s) to `trace` when it is a list; return when the step is done."""
+
+    def run_op(self, model, task: NanoTask, state: StepState, start: int, end: int) -> None:
+        """The task's op on token rows [start, end) of `state`, as this backend runs it (CUDA soft partitions:
+        SM-limited kernels; otherwise `ops.run_op`)."""
+
+    def close(self) -> None:
+        """Release what the backend holds (threads, streams); it is not used afterwards."""
 
 
 def compile_program(plan: Plan, num_layers: int, ops=None) -> Program:
@@ -140,6 +154,7 @@ class OverlapExecutor(Executor):
     def __init__(self, plan: Plan, model, device: torch.device) -> None:
         super().__init__(plan, model)
         self.program = compile_program(plan, len(model.layers))
+        self.units: ExecutionUnits
         if device.type == "cuda":
             from nanoflow.flow.cuda_units import CudaUnits
             self.units = CudaUnits(plan.units, device)
@@ -148,14 +163,10 @@ class OverlapExecutor(Executor):
             self.units = CpuUnits(plan.units, device)
 
     def run(self, state: StepState, trace: list | None = None) -> None:
-        t, model = state.num_tokens, self.model
-        unit_op = getattr(self.units, "run_op", None)  # a backend's own op runner (CUDA: SM-limited kernels)
+        t, model, units = state.num_tokens, self.model, self.units
 
         def fn(task: NanoTask) -> None:
-            if unit_op is not None:
-                unit_op(model, task, state, *task.rows(t))
-            else:
-                run_op(model, task.layer, task.op, state, *task.rows(t))
+            units.run_op(model, task, state, *task.rows(t))
         self.units.run(self.program, fn, trace, t)
 
     def close(self) -> None:
@@ -163,22 +174,20 @@ class OverlapExecutor(Executor):
 
 
 def resolve_plan(plan, kind: str, model, dense_batch: int, device) -> Plan:
-    """A Plan from None (the default for the executor), a Plan, a JSON path, or "auto" (nanoflow tune)."""
+    """A Plan from None (the default for the executor), a Plan or a JSON path ("auto" becomes a path before
+    an engine is built)."""
     tp = model.tp_size
     if kind == "sequential":
         return sequential_plan(dense_batch, tp)
     if isinstance(plan, Plan):
         return plan
-    if plan == "auto":
-        from nanoflow.autosearch.search import auto_plan  # C2: a validated Plan for this model, batch and device
-        return auto_plan(model, dense_batch, device)
     if plan:
         return Plan.load(plan)
     return nanobatch_plan(dense_batch, tp_size=tp) if kind == "nanobatch" else overlap_plan(dense_batch, tp_size=tp)
 
 
 def make_executor(kind: str, plan, model, device=None, dense_batch: int = 256) -> Executor:
-    """`kind` in EXECUTORS; `plan` a Plan, a JSON path, "auto" or None (the executor's default plan).
+    """`kind` in EXECUTORS; `plan` a Plan, a JSON path or None (the executor's default plan).
     nanobatch with an overlap plan runs that plan's splits and issue order on one unit."""
     if kind not in EXECUTORS:
         raise ValueError(f"unknown executor {kind!r}: choose one of {', '.join(EXECUTORS)}")
@@ -186,7 +195,7 @@ def make_executor(kind: str, plan, model, device=None, dense_batch: int = 256) -
     p = resolve_plan(plan, kind, model, dense_batch, device)
     ex = OverlapExecutor(p, model, device) if kind == "overlap" else SingleUnitExecutor(p, model, kind)
     # Not under tensor parallelism: capturing NCCL collectives in a graph needs more care than we can test here.
-    if device.type == "cuda" and model.tp_size == 1 and os.environ.get("NANOFLOW_CUDA_GRAPHS", "1") != "0":
+    if device.type == "cuda" and model.tp_size == 1 and env.cuda_graphs():
         from nanoflow.flow.cuda_graphs import GraphedStep  # C2: whole step as one CUDA graph per step shape
         return GraphedStep(ex)
     return ex
