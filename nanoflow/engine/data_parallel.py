@@ -1,9 +1,9 @@
 """Data parallelism: N engine replicas in their own processes behind LLMEngine's interface (add_request, step,
 abort_request, has_unfinished_requests, stats), so LLM, run-batch and bench use them unchanged.
 
-Routing: a request goes to the replica with the fewest outstanding tokens (prompt + max_tokens), unless the
-replica that last got its prefix (the hash of its first KV blocks, grouping.prefix_key) is not much busier:
-requests sharing a prefix land where it is cached. A replica that dies is reported and its unfinished requests
+Routing (dp_router.py): a request goes to the replica with the least outstanding work, unless the replica
+that holds its prefix is not much busier once the prefix it will not recompute is discounted: requests sharing
+a prefix land where it is cached. A replica that dies is reported and its unfinished requests
 are re-run on the others; results of one replica arrive in order on its own pipe and a request is re-run only
 after its replica's pipe has closed, so none is lost or answered twice."""
 from __future__ import annotations
@@ -12,13 +12,12 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
-from nanoflow.batch.grouping import prefix_key
 from nanoflow.config import EngineConfig
 from nanoflow.engine import dp_worker as w
+from nanoflow.engine.dp_router import PrefixAffinityRouter
 from nanoflow.engine import logits_process
 from nanoflow.engine.dp_view import SchedulerView
 from nanoflow.engine.request import Request
@@ -27,7 +26,6 @@ from nanoflow.outputs import CompletionOutput, RequestOutput
 from nanoflow.sampling_params import SamplingParams
 
 log = logging.getLogger("nanoflow.data_parallel")
-AFFINITY_ENTRIES = 1 << 16  # prefixes remembered (LRU)
 
 
 def make_engine(config: EngineConfig):
@@ -68,8 +66,8 @@ class Replica:
 @dataclass
 class _Outstanding:
     msg: w.AddRequest
-    tokens: int
-    key: bytes | None
+    full_tokens: int  # (prompt + max_tokens) x n
+    tokens: int = 0  # what its replica computes for it (the prefix it holds discounted): its share of the load
     replica: int = -1
     streamed: bool = False  # partial outputs went out (serve): a re-run would repeat them
 
@@ -88,7 +86,6 @@ class DataParallelEngine:
         self._empty_stats = StepStats
         self._stats_base = StepStats()  # `engine.stats = StepStats()` (benchmarks) counts from then on
         self._outstanding: dict[str, _Outstanding] = {}
-        self._affinity: OrderedDict[bytes, int] = OrderedDict()
         self._finished: list[RequestOutput] = []
         self._start_replicas()
 
@@ -112,6 +109,7 @@ class DataParallelEngine:
         sc = SchedulerConfig(max_model_len=info.max_model_len, block_size=info.block_size,
                              num_blocks=info.num_blocks, max_num_seqs=info.max_num_seqs)
         self.scheduler = SchedulerView(sc, self.replicas)  # read-only, for OpenAIServing and the server metrics
+        self._router = PrefixAffinityRouter(info.block_size)
         self._checker = Scheduler(sc)  # the replicas' own fit check, run here so a bad request fails at once
 
     def _wait_ready(self, r: Replica) -> w.ReplicaInfo | None:
@@ -145,8 +143,7 @@ class DataParallelEngine:
             raise ValueError(f"duplicate request id {request_id!r}")
         self._validate(prompt_token_ids, params)
         tokens = (len(prompt_token_ids) + params.max_tokens) * params.n
-        o = _Outstanding(w.AddRequest(request_id, list(prompt_token_ids), params, prompt), tokens,
-                         prefix_key(prompt_token_ids, self.scheduler.config.block_size))
+        o = _Outstanding(w.AddRequest(request_id, list(prompt_token_ids), params, prompt), tokens)
         self._outstanding[request_id] = o
         self._send(o)
 
@@ -204,27 +201,9 @@ class DataParallelEngine:
             params.max_tokens = max(1, self.max_model_len - len(ids))
         self._checker.check_fits(Request(list(ids), params))
 
-    def _pick(self, o: _Outstanding) -> Replica:
-        live = [r for r in self.replicas if r.alive]
-        if not live:
-            raise RuntimeError("every data-parallel replica has died")
-        least = min(live, key=lambda r: r.load)
-        fav = self.replicas[self._affinity[o.key]] if o.key in self._affinity else None
-        if fav is not None and fav.alive:
-            # Affinity wins unless its replica is well ahead of the least loaded (then balance beats the cache
-            # hit). The prefix stays with its first replica when one request spills: a grouped job sends a
-            # group at once, and moving the prefix on each spill had both replicas compute every prefix.
-            self._affinity.move_to_end(o.key)
-            return fav if fav.load <= least.load + max(4096, least.load // 2) else least
-        if o.key is not None:
-            self._affinity[o.key] = least.rank
-            if len(self._affinity) > AFFINITY_ENTRIES:
-                self._affinity.popitem(last=False)
-        return least
-
     def _send(self, o: _Outstanding) -> None:
         while True:
-            r = self._pick(o)
+            r, o.tokens = self._router.pick(self.replicas, o.msg.prompt_token_ids, o.full_tokens, o.msg.params.n)
             if self._try_send(r, o.msg):
                 o.replica = r.rank
                 r.load += o.tokens
