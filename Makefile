@@ -7,7 +7,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: run test bench bench-deps gpu-check gpu-check-carry clean
+.PHONY: run test test-fast bench bench-deps gpu-check gpu-check-carry clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The fast tier (a few minutes on 2 cores): every module on the tiny model and the pure-Python parts, none of the
+# tests marked slow (the default model, servers, processes, profiling). `make test` (CI) still runs everything.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # vLLM's CPU engine for `--compare vllm`, in its own venv: its pins are not ours (it runs as a subprocess).
 $(VLLM_STAMP):

@@ -10,6 +10,8 @@ import pytest
 from nanoflow import LLM, SamplingParams
 from nanoflow.server.app import ServerThread, build_app
 
+pytestmark = pytest.mark.slow  # the default model behind a real server
+
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Say hello."}]
 

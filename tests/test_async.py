@@ -37,6 +37,7 @@ def _same(pair, prompts, params, chat=False):
     return a
 
 
+@pytest.mark.slow
 def test_greedy_batch_with_eos(pair):
     convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
     outs = _same(pair, convs, SamplingParams(temperature=0.0, max_tokens=40), chat=True)
@@ -45,6 +46,7 @@ def test_greedy_batch_with_eos(pair):
     assert all(len(o[0][0]) <= 40 for o in outs)
 
 
+@pytest.mark.slow
 def test_stop_strings_and_stop_token_ids(pair):
     asy, _ = pair
     greedy = _run(asy, PROMPTS, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
@@ -56,6 +58,7 @@ def test_stop_strings_and_stop_token_ids(pair):
     assert all(o[0][2] == "stop" for o in outs)
 
 
+@pytest.mark.slow
 def test_max_tokens_never_overshoots(pair):
     """max_tokens is known ahead: no step is scheduled for a token that would be thrown away."""
     asy, _ = pair
@@ -72,6 +75,7 @@ def test_max_tokens_never_overshoots(pair):
     assert sum(rows) == sum(lens)
 
 
+@pytest.mark.slow
 def test_n_seeds_temperature_logprobs(pair):
     p = SamplingParams(n=3, temperature=1.0, top_p=0.9, seed=11, max_tokens=10, logprobs=2)
     outs = _same(pair, PROMPTS[:3], p)
@@ -79,12 +83,14 @@ def test_n_seeds_temperature_logprobs(pair):
     assert all(len(c[4]) == len(c[0]) for o in outs for c in o)
 
 
+@pytest.mark.slow
 def test_penalties(pair):
     for kw in ({"repetition_penalty": 1.5}, {"frequency_penalty": 1.2, "presence_penalty": 0.5}):
         _same(pair, PROMPTS, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, **kw))
         _same(pair, PROMPTS, SamplingParams(temperature=0.8, seed=5, max_tokens=16, ignore_eos=True, **kw))
 
 
+@pytest.mark.slow
 def test_chunked_prefill_small_dense_batch():
     pair = (LLM("default", dense_batch=7, async_scheduling=True, **KW),
             LLM("default", dense_batch=7, async_scheduling=False, **KW))
@@ -92,6 +98,7 @@ def test_chunked_prefill_small_dense_batch():
     _same(pair, prompts, SamplingParams(temperature=0.0, max_tokens=12))
 
 
+@pytest.mark.slow
 def test_preemption_same_tokens_and_no_leak():
     kw = dict(dtype="float32", num_kv_blocks=6, admission_control=False, dense_batch=64)
     pair = LLM("default", async_scheduling=True, **kw), LLM("default", async_scheduling=False, **kw)
@@ -100,6 +107,7 @@ def test_preemption_same_tokens_and_no_leak():
     assert all(llm.engine.scheduler.num_preemptions > 0 for llm in pair)
 
 
+@pytest.mark.slow
 def test_abort_mid_generation_frees_all_blocks(pair):
     eng = pair[0].engine
     bm = eng.scheduler.block_manager
@@ -123,6 +131,7 @@ def test_abort_mid_generation_frees_all_blocks(pair):
     assert all(len(c.token_ids) == 30 for i in (1, 3) for c in seen[f"abort-{i}"].outputs)
 
 
+@pytest.mark.slow
 def test_failed_step_raises_then_engine_recovers(pair):
     """A device error surfaces from step(); aborting then frees every block and the engine serves again."""
     eng = pair[0].engine
@@ -153,6 +162,7 @@ def test_failed_step_raises_then_engine_recovers(pair):
     _same(pair, PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=6))
 
 
+@pytest.mark.slow
 def test_switch_and_stats(pair):
     parser = __import__("argparse").ArgumentParser()
     add_engine_arguments(parser)
@@ -211,6 +221,7 @@ def test_scheduler_async_drive(reqs, dense_batch, num_blocks, block_size, max_nu
     assert sched.block_manager.num_free_blocks == num_blocks
 
 
+@pytest.mark.slow
 def test_final_only_outputs_come_back_once(pair):
     """output_kind="final_only" (what LLM.generate asks for): a request's output comes back once, finished;
     "cumulative" (the server's streaming) gets one every step. Same tokens either way, async or not."""

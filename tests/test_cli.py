@@ -4,6 +4,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the default model in subprocesses
+
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 

@@ -14,6 +14,8 @@ import pytest
 
 from nanoflow.kernels import cpu_ext
 
+pytestmark = pytest.mark.slow  # compiles the C++ kernels in subprocesses
+
 HANG_GUARD_S = 300  # only against a hang: a healthy run takes seconds
 
 HOLDER = """

@@ -33,6 +33,7 @@ def test_split_cores():
     assert split_cores(3, [5]) == [[5], [5], [5]]
 
 
+@pytest.mark.slow
 def test_replicas_are_pinned_processes(dp):
     assert len(dp.engine.replicas) == 2 and all(r.alive for r in dp.engine.replicas)
     if len(os.sched_getaffinity(0)) >= 2:
@@ -40,6 +41,7 @@ def test_replicas_are_pinned_processes(dp):
         assert all(len(c) == 1 for c in pinned) and pinned[0] != pinned[1]
 
 
+@pytest.mark.slow
 def test_greedy_outputs_equal_a_single_engine(dp, expected):
     outs = dp.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.outputs[0].text for o in outs] == expected
@@ -47,6 +49,7 @@ def test_greedy_outputs_equal_a_single_engine(dp, expected):
     assert dp.engine.stats.generated_tokens >= len(PROMPTS) * GREEDY.max_tokens
 
 
+@pytest.mark.slow
 def test_shared_prefix_goes_to_the_same_replica(dp):
     eng = dp.engine
     prefix = list(range(1000, 1064))  # four full KV blocks
@@ -61,6 +64,7 @@ def test_shared_prefix_goes_to_the_same_replica(dp):
     assert not eng.has_unfinished_requests()
 
 
+@pytest.mark.slow
 def test_run_batch_on_replicas(dp, expected, tmp_path):
     from nanoflow.batch.run_batch import _EngineView, run_job
     from nanoflow.server.serving import OpenAIServing
@@ -74,6 +78,7 @@ def test_run_batch_on_replicas(dp, expected, tmp_path):
     assert texts == {f"r{i}": expected[i] for i in range(4)}
 
 
+@pytest.mark.slow
 def test_serve_on_replicas(dp, expected):
     import httpx
 
@@ -92,6 +97,7 @@ def test_serve_on_replicas(dp, expected):
     assert not dp.engine.has_unfinished_requests()
 
 
+@pytest.mark.slow
 def test_killed_replica_loses_nothing(dp, expected):
     """Last in the file: it leaves the fixture with one replica."""
     it = dp.generate_iter(PROMPTS, GREEDY, use_tqdm=False)

@@ -82,6 +82,7 @@ def cpu_tokens():
     return greedy(llm)
 
 
+@pytest.mark.slow
 @no_cuda
 def test_explicit_cpu_equals_the_default(cpu_tokens):
     llm = LLM("default", dtype="float32")
@@ -95,6 +96,7 @@ def cuda_llm():
     return LLM("default", dtype="float32", device="cuda")
 
 
+@pytest.mark.slow
 @needs_cuda
 def test_cuda_engine_matches_cpu(cuda_llm, cpu_tokens):
     runner = cuda_llm.engine.runner
@@ -105,6 +107,7 @@ def test_cuda_engine_matches_cpu(cuda_llm, cpu_tokens):
     assert greedy(cuda_llm) == cpu_tokens  # again: CUDA graphs are captured on a shape's second sight
 
 
+@pytest.mark.slow
 @needs_cuda
 @pytest.mark.parametrize("executor", ["sequential", "nanobatch", "overlap"])
 def test_cuda_executors_match_cpu(executor, cpu_tokens):
@@ -114,11 +117,13 @@ def test_cuda_executors_match_cpu(executor, cpu_tokens):
     llm.engine.runner.executor.close()
 
 
+@pytest.mark.slow
 @needs_cuda
 def test_cuda_without_async_matches_cpu(cpu_tokens):
     assert greedy(LLM("default", dtype="float32", device="cuda", async_scheduling=False)) == cpu_tokens
 
 
+@pytest.mark.slow
 @needs_cuda
 def test_cuda_seeded_sampling_ignores_batch_mates(cuda_llm):
     seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=N, ignore_eos=True)
@@ -128,12 +133,14 @@ def test_cuda_seeded_sampling_ignores_batch_mates(cuda_llm):
     assert outs[0].outputs[0].token_ids == alone
 
 
+@pytest.mark.slow
 @needs_cuda
 def test_cuda_bf16_runs(cpu_tokens):
     out = greedy(LLM("default", device="cuda", dtype="bfloat16"))
     assert [len(t) for t in out] == [N] * len(cpu_tokens)  # bf16 may pick other tokens than float32
 
 
+@pytest.mark.slow
 @needs_cuda
 def test_cuda_host_tier_reload(cpu_tokens):
     """A finished request's KV goes to the host tier (copy stream) and comes back (pinned staging) instead of
@@ -150,6 +157,7 @@ def test_cuda_host_tier_reload(cpu_tokens):
     assert llm.engine.stats.tier_hit_tokens > 0
 
 
+@pytest.mark.slow
 @needs_cuda
 def test_cuda_greedy_with_penalties_matches_cpu(cuda_llm):
     """Penalties on the device (scatter masks/counts, pinned non-blocking history copies) pick the CPU's tokens."""
@@ -171,6 +179,7 @@ def test_cuda_soft_gemm_float32_is_not_tf32():
                                rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.slow
 @needs_cuda
 def test_cuda_trace_reaches_the_graphed_executor():
     """`nanoflow trace` on a GPU: trace/trace_steps set on the runner's (graphed) executor record a step."""

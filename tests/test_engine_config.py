@@ -68,6 +68,7 @@ def test_cache_dir_is_one_place(tmp_path, monkeypatch):
     assert env.cache_dir("kv") == str(tmp_path / "xdg" / "nanoflow" / "kv")
 
 
+@pytest.mark.slow
 def test_cpp_kernel_switch_is_per_engine():
     from nanoflow import LLM, SamplingParams
     from nanoflow.kernels import cpu_ext

@@ -5,6 +5,8 @@ from nanoflow import LLM, SamplingParams
 from nanoflow.flow.plan import Plan, Unit
 from nanoflow.flow.ops import layer_operations
 
+pytestmark = pytest.mark.slow  # the default model under every executor
+
 N = 24  # a prefix of HF's 64 greedy tokens keeps these runs short; the parity tests cover all 64
 GREEDY = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True)
 

@@ -63,6 +63,7 @@ def test_budget_skips_stages_and_says_so(tmp_path):
     assert "trace" in summary and "skipped" in summary
 
 
+@pytest.mark.slow
 def test_cpu_dry_run(tmp_path):
     """The CPU mode end to end (no nested pytest: too slow here): env, trace, and the bench stage with an
     executor that fails (a one-line error) before one that runs - the failure is recorded, the run goes on."""

@@ -16,6 +16,8 @@ from nanoflow import LLM, SamplingParams
 from nanoflow.bench.hf_export import export_gguf_to_hf
 from nanoflow.models.loader import build_model, load_config, resolve_model
 
+pytestmark = pytest.mark.slow  # exports and loads the default model
+
 PROMPT = "The capital of France is"
 
 

@@ -54,6 +54,7 @@ def forget_device_cache(llm):
     llm.engine.scheduler.block_manager.reset_prefix_cache()
 
 
+@pytest.mark.slow
 def test_reload_from_host_tier(llm, conversation):
     prompt, expect, history = conversation
     forget_device_cache(llm)
@@ -69,6 +70,7 @@ def test_reload_from_host_tier(llm, conversation):
     assert bm.num_free_blocks == bm.num_blocks and all(rc == 0 for rc in bm.ref_counts)
 
 
+@pytest.mark.slow
 def test_preemption_swaps_out_to_the_tier(llm):
     """Five requests outgrow the 48-block pool: the preempted ones' computed blocks are copied to the host tier
     at once (swap-out), and their recompute reloads them; outputs equal a run without any reuse."""
@@ -95,6 +97,7 @@ def restarted(llm, kv_dir, conversation):
     return LLM("default", host_kv_cache_gb=0.05, disk_kv_cache_gb=0.05, kv_cache_dir=str(kv_dir), **KW)
 
 
+@pytest.mark.slow
 def test_reload_from_disk_after_restart(restarted, conversation):
     prompt, expect, history = conversation
     tiers, stats = restarted.engine.kv_tiers, restarted.engine.stats
@@ -104,6 +107,7 @@ def test_reload_from_disk_after_restart(restarted, conversation):
     assert stats.prompt_tokens < len(prompt) // 2  # only the tail was computed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, block", [("corrupt", 1), ("truncate", 2)])
 def test_damaged_disk_file_is_ignored(restarted, kv_dir, conversation, damage, block):
     prompt, expect, _ = conversation

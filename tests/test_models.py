@@ -53,6 +53,7 @@ def test_clear_errors(model, kw, exc, msg):
         LLM(model, **kw)
 
 
+@pytest.mark.slow
 def test_request_that_cannot_fit_is_rejected(llm_fp32):
     with pytest.raises(ValueError, match="context length"):
         llm_fp32.generate([[1] * 10], SamplingParams(max_tokens=10_000_000), use_tqdm=False)

@@ -24,6 +24,7 @@ def test_conversations_are_seeded_and_fit():
         assert all(1 <= len(u) <= 64 for u in c.user) and all(1 <= n <= 32 for n in c.output_lens)
 
 
+@pytest.mark.slow
 def test_modes_compute_less_and_agree(tmp_path):
     from nanoflow import LLM
     from nanoflow.bench.multiturn import _configure, drive

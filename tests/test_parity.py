@@ -4,6 +4,8 @@ import pytest
 from nanoflow import LLM, SamplingParams
 from tests.conftest import NUM_TOKENS
 
+pytestmark = pytest.mark.slow  # the default model against HF transformers
+
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
 
 

@@ -3,6 +3,8 @@ import pytest
 
 from nanoflow import LLM, SamplingParams
 
+pytestmark = pytest.mark.slow  # the default model
+
 PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 SYSTEM = ("You are a careful assistant. Answer briefly and precisely, never make up facts, and say so when "
           "you do not know. ")

@@ -9,6 +9,8 @@ import torch
 
 from nanoflow import LLM, SamplingParams
 
+pytestmark = pytest.mark.slow  # the default model and HF transformers
+
 PROMPTS = ["The quick brown fox jumps over the lazy dog. " * 4 + "Then it", "Hi", "1, 2, 3, 4, 5,"]
 K = 3
 

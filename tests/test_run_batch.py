@@ -23,6 +23,7 @@ def expected(llm):
     return [o.outputs[0].text for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
 
 
+@pytest.mark.slow
 def test_generate_iter_pulls_lazily_and_matches_generate(llm, expected):
     pulled = []
 
@@ -40,6 +41,7 @@ def test_generate_iter_pulls_lazily_and_matches_generate(llm, expected):
     assert not llm.engine.has_unfinished_requests()
 
 
+@pytest.mark.slow
 def test_interrupted_iteration_leaves_engine_clean(llm):
     def prompts():
         yield from PROMPTS[:3]
@@ -71,6 +73,7 @@ def test_prefix_key_covers_whole_blocks():
     assert prefix_key(list(range(100)), 16) != prefix_key([7] + list(range(1, 100)), 16)
 
 
+@pytest.mark.slow
 def test_grouping_keeps_outputs_in_input_order(llm):
     system = "You are a careful assistant who answers in one short sentence. " * 3
     prompts = [f"{s}Question {i}: name a colour." for i in range(3) for s in (system, system.upper())]
@@ -108,6 +111,7 @@ def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_run_batch_answers_every_line(llm, expected, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write_input(inp)
@@ -131,6 +135,7 @@ def test_run_batch_answers_every_line(llm, expected, tmp_path):
     assert all(r["error"] is None for r in recs if r["response"]["status_code"] == 200)
 
 
+@pytest.mark.slow
 def test_run_batch_resumes_and_tolerates_a_truncated_line(llm, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(_line(f"r{i}", "/v1/completions", {"prompt": p, "max_tokens": 2, "temperature": 0})

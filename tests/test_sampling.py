@@ -10,6 +10,7 @@ def _one(llm, prompt=PROMPT, **kw):
     return llm.generate([prompt], SamplingParams(**kw), use_tqdm=False)[0].outputs
 
 
+@pytest.mark.slow
 def test_seed_reproducible_whatever_the_batch(llm_fp32):
     p = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=24, ignore_eos=True)
     alone = llm_fp32.generate([PROMPT], p, use_tqdm=False)[0].outputs[0].token_ids
@@ -21,17 +22,20 @@ def test_seed_reproducible_whatever_the_batch(llm_fp32):
     assert other_seed[0].token_ids != alone
 
 
+@pytest.mark.slow
 def test_top_k_one_is_greedy(llm_fp32):
     greedy = _one(llm_fp32, temperature=0.0, max_tokens=16)[0].token_ids
     assert _one(llm_fp32, temperature=0.8, top_k=1, seed=3, max_tokens=16)[0].token_ids == greedy
     assert _one(llm_fp32, temperature=0.8, min_p=1.0, seed=3, max_tokens=16)[0].token_ids == greedy
 
 
+@pytest.mark.slow
 def test_max_tokens_and_length_reason(llm_fp32):
     out = _one(llm_fp32, temperature=0.0, max_tokens=5, ignore_eos=True)[0]
     assert len(out.token_ids) == 5 and out.finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_stop_string_not_in_output(llm_fp32):
     full = _one(llm_fp32, "1, 2, 3, 4,", temperature=0.0, max_tokens=20)[0].text
     assert "7" in full
@@ -42,6 +46,7 @@ def test_stop_string_not_in_output(llm_fp32):
     assert inc[0].text == full[: full.index("7") + 1]
 
 
+@pytest.mark.slow
 def test_stop_token_ids(llm_fp32):
     prompt = "Once upon a time, there was"
     greedy = _one(llm_fp32, prompt, temperature=0.0, max_tokens=10, ignore_eos=True)[0].token_ids
@@ -50,6 +55,7 @@ def test_stop_token_ids(llm_fp32):
     assert out.finish_reason == "stop" and out.stop_reason == greedy[3]
 
 
+@pytest.mark.slow
 def test_eos_stops_unless_ignored(llm_fp32):
     chat = llm_fp32.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                                   add_generation_prompt=True, tokenize=False)
@@ -61,6 +67,7 @@ def test_eos_stops_unless_ignored(llm_fp32):
     assert len(ign.token_ids) == 60 and ign.token_ids[: len(out.token_ids)] == out.token_ids
 
 
+@pytest.mark.slow
 def test_n_and_logprobs(llm_fp32):
     outs = _one(llm_fp32, n=3, temperature=1.0, seed=7, max_tokens=8, logprobs=2, ignore_eos=True)
     assert [o.index for o in outs] == [0, 1, 2]
@@ -72,12 +79,14 @@ def test_n_and_logprobs(llm_fp32):
             assert lp["top"][0][1] >= lp["top"][1][1] >= lp["logprob"] - 1e-6 or tok in dict(lp["top"])
 
 
+@pytest.mark.slow
 def test_greedy_logprob_is_top(llm_fp32):
     out = _one(llm_fp32, temperature=0.0, max_tokens=6, logprobs=1)[0]
     for tok, lp in zip(out.token_ids, out.logprobs):
         assert lp["top"][0][0] == tok
 
 
+@pytest.mark.slow
 def test_penalties_change_greedy_output(llm_fp32):
     base = _one(llm_fp32, "1, 2, 3, 4,", temperature=0.0, max_tokens=24, ignore_eos=True)[0].token_ids
     for kw in ({"repetition_penalty": 1.5}, {"frequency_penalty": 1.5}, {"presence_penalty": 2.0}):

@@ -18,6 +18,8 @@ from nanoflow.server.app import ServerThread, build_app
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 from fuzz_volume import Fuzz  # noqa: E402  (benchmarks/fuzz_volume.py, issue 14 item 8)
 
+pytestmark = pytest.mark.slow  # the default model behind a real server
+
 REF_PROMPT = "The capital of France is"
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.integers(-3, 8),

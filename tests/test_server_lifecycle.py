@@ -16,6 +16,8 @@ import pytest
 from nanoflow import LLM
 from nanoflow.server.app import build_app
 
+pytestmark = pytest.mark.slow  # servers in subprocesses
+
 BODY_LIMIT = 4096
 
 

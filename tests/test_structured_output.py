@@ -63,6 +63,7 @@ def llm_sync():
     return LLM("default", max_model_len=512, max_num_seqs=16, async_scheduling=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine,temperature", [("llm", 0.0), ("llm", 0.8), ("llm_sync", 0.8)])
 def test_every_output_is_valid(request, engine, temperature):
     """Constrained and free rows in one batch (async: the next step's masks come from this step's tokens)."""
@@ -79,6 +80,7 @@ def test_every_output_is_valid(request, engine, temperature):
     assert len(free.token_ids) == MAX_TOKENS and free.finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_n_samples_each_valid(llm):
     out = llm.generate(["Pick one:"], SamplingParams(n=4, temperature=1.0, max_tokens=8,
                                                       structured_outputs=SO(choice=["red", "green", "blue"])),
@@ -86,6 +88,7 @@ def test_n_samples_each_valid(llm):
     assert len(out.outputs) == 4 and all(o.text in ("red", "green", "blue") for o in out.outputs)
 
 
+@pytest.mark.slow
 def test_grammars_compiled_once(llm):
     cache = llm.engine.grammars
     cache.compile(SO(regex="[a-c]{4}"))
@@ -104,6 +107,7 @@ def test_invalid_spec_is_value_error(spec):
         SamplingParams(structured_outputs=spec)
 
 
+@pytest.mark.slow
 def test_unconstrained_rows_unaffected_and_fast_path_kept(monkeypatch):
     """float32 (batch-invariant here): free rows give the same greedy text with constrained batch-mates."""
     llm = LLM("default", dtype="float32", max_model_len=256, max_num_seqs=8, async_scheduling=True)
@@ -125,6 +129,7 @@ def test_unconstrained_rows_unaffected_and_fast_path_kept(monkeypatch):
     assert calls == [1] and res.grammar_done is None and not s._grammars._matchers
 
 
+@pytest.mark.slow
 def test_grammar_end_finishes_even_with_ignore_eos(llm):
     """The request ends when its grammar is complete, also when EOS itself would not end it."""
     out = llm.generate(["Is the sky blue?"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,

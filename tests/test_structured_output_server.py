@@ -13,6 +13,8 @@ import pytest
 from nanoflow import LLM
 from nanoflow.server.app import ServerThread, build_app
 
+pytestmark = pytest.mark.slow  # the default model behind a real server
+
 CITY = {"type": "object", "additionalProperties": False, "required": ["city", "country"],
         "properties": {"city": {"type": "string", "maxLength": 16}, "country": {"type": "string", "maxLength": 16}}}
 

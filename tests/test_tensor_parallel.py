@@ -82,6 +82,7 @@ def tp_llm(request):
         llm.engine.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor", ["sequential", "nanobatch", "overlap"])
 def test_tp2_greedy_equals_one_device(tp_llm, reference, executor):
     # dense_batch 64: the 8 prompts' prefills are chunked, and decode rows share steps with prefill chunks
@@ -89,6 +90,7 @@ def test_tp2_greedy_equals_one_device(tp_llm, reference, executor):
     assert _tokens(llm, PROMPTS) == reference
 
 
+@pytest.mark.slow
 def test_tp2_async_and_prefix_cache(tp_llm, reference):
     llm = tp_llm(async_scheduling=True, block_size=4)
     assert _tokens(llm, PROMPTS) == reference
@@ -97,6 +99,7 @@ def test_tp2_async_and_prefix_cache(tp_llm, reference):
     assert llm.engine.scheduler.num_prefix_hit_tokens > 0
 
 
+@pytest.mark.slow
 def test_killed_worker_is_an_error_not_a_hang(tp_llm):
     llm = tp_llm(distributed_timeout_s=20)
     proc = llm.engine.tp_workers.procs[1]
@@ -110,6 +113,7 @@ def test_killed_worker_is_an_error_not_a_hang(tp_llm):
     assert llm.engine.scheduler.block_manager.num_free_blocks == llm.engine.scheduler.config.num_blocks
 
 
+@pytest.mark.slow
 def test_hung_worker_times_out(tp_llm):
     llm = tp_llm(distributed_timeout_s=4)
     proc = llm.engine.tp_workers.procs[1]
@@ -123,6 +127,7 @@ def test_hung_worker_times_out(tp_llm):
         os.kill(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_server_with_tp2_answers_the_openai_client(tp_llm, reference):
     llm = tp_llm()
     with ServerThread(build_app(llm.engine, ["default"])) as url:
@@ -131,6 +136,7 @@ def test_server_with_tp2_answers_the_openai_client(tp_llm, reference):
     assert out.choices[0].text == llm.tokenizer.decode(reference[0])
 
 
+@pytest.mark.slow
 def test_profile_and_tune_time_the_all_reduces(monkeypatch, tmp_path):
     """Under TP the profiler times the all-reduces in a real 2-rank group (solo per row count, and beside a GEMM:
     the network R -> P table), and tune plans with them: its choice is predicted (running a candidate needs every

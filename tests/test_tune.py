@@ -126,6 +126,7 @@ def test_tune_plans_are_valid(tmp_path, monkeypatch):
     assert plan.meta["decision"] == decision and plan.meta["tune_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_plan_auto_tunes_once_and_keeps_greedy_tokens(tmp_path, monkeypatch):
     """`--plan auto` on the default model: a valid tuned plan, loaded from the cache, same greedy tokens."""
     from nanoflow import LLM, SamplingParams

@@ -27,6 +27,7 @@ def monkeypatch_module():
     mp.undo()
 
 
+@pytest.mark.slow
 def test_export_is_cached_and_keyed_by_the_gguf(exported, default_gguf):
     from nanoflow.bench.hf_export import cache_root, export_gguf_to_hf, hf_model_dir
     assert os.path.dirname(exported) == cache_root() and os.environ["NANOFLOW_CACHE_DIR"] in exported
@@ -41,6 +42,7 @@ def test_export_is_cached_and_keyed_by_the_gguf(exported, default_gguf):
         assert "quantization_config" not in json.load(f)
 
 
+@pytest.mark.slow
 def test_export_greedy_equals_ours_float32(exported, llm_fp32):
     """What vLLM will load (the exported dir, via HF transformers here) greedily continues a prompt exactly as
     our engine does on the GGUF, in float32."""
@@ -74,6 +76,7 @@ def test_no_venv_gives_a_row_that_says_why(tmp_path):
     _assert_why_row(row, "no vLLM virtualenv", "make bench-deps")
 
 
+@pytest.mark.slow
 def test_vllm_that_cannot_import_gives_a_row_that_says_why(tmp_path, monkeypatch):
     """A "venv" whose python has no vllm: the runner subprocess fails, and the row carries its error."""
     import tempfile
@@ -89,6 +92,7 @@ def test_vllm_that_cannot_import_gives_a_row_that_says_why(tmp_path, monkeypatch
     assert len(logs) == 2 and all(str(log) in row["note"] for log in logs)  # the note says where to look
 
 
+@pytest.mark.slow
 def test_compare_vllm_without_venv_prints_and_writes(llm_fp32, tmp_path, capsys):
     """`bench offline --compare vllm` on a machine without .venv-vllm: a row that says why, in the table and
     the JSON, next to ours (no exception, no conversion)."""

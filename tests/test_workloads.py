@@ -81,6 +81,7 @@ def test_report_outputs(tmp_path, capsys):
     assert (tmp_path / "sub" / "r.json").read_text().startswith("{")
 
 
+@pytest.mark.slow
 def test_hf_baseline_smoke(default_gguf):
     from nanoflow.bench.hf_baseline import run_hf
     reqs = sample_workload("const:8/4", 2, seed=0, vocab_size=VOCAB, max_model_len=64)
@@ -89,6 +90,7 @@ def test_hf_baseline_smoke(default_gguf):
     assert r["total_tokens_per_s"] > 0 and len(r["per_batch_size"]) == 2
 
 
+@pytest.mark.slow
 def test_llamacpp_baseline_smoke(default_gguf):
     pytest.importorskip("llama_cpp")
     from nanoflow.bench.llamacpp_baseline import run_llamacpp
