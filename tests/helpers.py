@@ -35,6 +35,19 @@ def tiny_hf_config(**overrides) -> dict:
                 num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings)
 
 
+def save_tiny_hf_model(path, tokenizer=None, **overrides) -> str:
+    """A random Llama of TINY's shape (with `overrides`) saved as an HF directory; with `tokenizer`, that
+    tokenizer is saved beside it and sets the vocabulary size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    if tokenizer is not None:
+        overrides.setdefault("vocab_size", len(tokenizer))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**tiny_hf_config(**overrides))).save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def _tables(starts: list[int], lens: list[int]):
     return [list(range(s, s + -(-n // BLOCK))) for s, n in zip(starts, lens)]
 

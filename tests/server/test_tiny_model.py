@@ -8,22 +8,18 @@ import os
 import httpx
 import openai
 import pytest
-import torch
 
 from nanoflow import LLM
 from nanoflow.server.app import ServerThread, build_app
-from tests.helpers import tiny_hf_config
+from tests.helpers import save_tiny_hf_model
 
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory, default_gguf):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    path = tmp_path_factory.mktemp("tiny-hf")
+    from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(os.path.dirname(default_gguf), gguf_file=os.path.basename(default_gguf))
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**tiny_hf_config(vocab_size=len(tok)))).save_pretrained(path)
-    tok.save_pretrained(path)
-    llm = LLM(str(path), dtype="float32", max_model_len=128, max_num_seqs=2)
+    path = save_tiny_hf_model(tmp_path_factory.mktemp("tiny-hf"), tok)
+    llm = LLM(path, dtype="float32", max_model_len=128, max_num_seqs=2)
     with ServerThread(build_app(llm.engine, ["default"])) as u:
         yield u
 
