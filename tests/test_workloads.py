@@ -7,6 +7,7 @@ import torch
 from nanoflow.bench.report import print_summary, write_json
 from nanoflow.bench.workloads import (BenchRequest, find_traces_dir, sample_workload, summarize_workload,
                                       throughput_metrics)
+from tests.helpers import save_tiny_hf_model
 
 VOCAB = 49152
 
@@ -86,6 +87,15 @@ def test_hf_baseline_smoke(default_gguf):
     from nanoflow.bench.hf_baseline import run_hf
     reqs = sample_workload("const:8/4", 2, seed=0, vocab_size=VOCAB, max_model_len=64)
     r = run_hf(os.path.dirname(default_gguf), os.path.basename(default_gguf), reqs, torch.float32, [1, 2])
+    assert r["batch_size"] in (1, 2) and r["num_requests"] == 2 and r["output_tokens"] == 8
+    assert r["total_tokens_per_s"] > 0 and len(r["per_batch_size"]) == 2
+
+
+def test_hf_baseline_on_a_tiny_model(tmp_path):
+    """The HF baseline's static batching on a tiny random HF directory (fast; the smoke above runs the GGUF)."""
+    from nanoflow.bench.hf_baseline import run_hf
+    reqs = sample_workload("const:8/4", 2, seed=0, vocab_size=512, max_model_len=64)
+    r = run_hf(save_tiny_hf_model(tmp_path, vocab_size=512), None, reqs, torch.float32, [1, 2])
     assert r["batch_size"] in (1, 2) and r["num_requests"] == 2 and r["output_tokens"] == 8
     assert r["total_tokens_per_s"] > 0 and len(r["per_batch_size"]) == 2
 
