@@ -69,6 +69,7 @@ def test_cache_dir_is_one_place(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # two default-model engines
 def test_cpp_kernel_switch_is_per_engine():
     from nanoflow import LLM, SamplingParams
     from nanoflow.kernels import cpu_ext
