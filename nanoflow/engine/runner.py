@@ -60,6 +60,7 @@ def build_model_for(config, model_config: ModelConfig, tp_group=None):
     model.tp = tp_group
     if torch.device(config.device).type == "cpu" and config.cpp_kernels:
         cpu_ext.get()  # build/load the C++ kernels now, not inside the first step (TP: before the ranks' barrier)
+        model.paged_prefill = config.paged_prefill
     if config.packed_gemm and packed_gemm_supported(dtype, config.device) and _room_for_packed(model):
         model.prepack_linears(config.dense_batch)
     if config.batch_invariant:

@@ -158,7 +158,7 @@ def _attention(decode: bool):
         elif decode:
             attend_decode(out, q, state.kv_caches[li], meta, attn.scale)
         else:
-            attend_prefill(out, q, k, v, state.kv_caches[li], meta, attn.scale)
+            attend_prefill(out, q, k, v, state.kv_caches[li], meta, attn.scale, state.model.paged_prefill)
     return run
 
 

@@ -57,11 +57,59 @@ def attend_decode(out, q, kv_cache, meta: AttentionMetadata, scale: float) -> No
                                     meta.decode_context_lens, meta.decode_max_len, scale)
 
 
-def attend_prefill(out, q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> None:
-    """The prefill rows of `out` (compute-bound)."""
-    for p in meta.prefills:
+# A prefill row read through the paged kernel re-reads its context once per query row; that stays in L2 and
+# beats SDPA per chunk (one call per step instead of one per chunk and layer, no gather of a cached prefix)
+# while the context is short. Past this, SDPA's flash kernel wins (measured equal near 1024 tokens).
+PAGED_PREFILL_MAX_CONTEXT = 1024
+
+
+def attend_prefill(out, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, paged: bool = False) -> None:
+    """The prefill rows of `out` (compute-bound). `paged` (the CPU default with the C++ kernels): chunks whose
+    context fits PAGED_PREFILL_MAX_CONTEXT go through the paged kernel, all in one call."""
+    chunks = meta.prefills
+    if paged and chunks and q.device.type == "cpu" and cpu_ext.get() is not None:
+        short = [p for p in chunks if p.ctx_len <= PAGED_PREFILL_MAX_CONTEXT]
+        if short:
+            attend_prefill_rows(out, q, kv_cache, short, scale)
+            chunks = [p for p in chunks if p.ctx_len > PAGED_PREFILL_MAX_CONTEXT]
+    for p in chunks:
         rows = slice(p.q_start, p.q_start + p.q_len)
         out[rows] = prefill_attention(q[rows], k[rows], v[rows], kv_cache, p, scale)
+
+
+def attend_prefill_rows(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, chunks: list[PrefillChunk],
+                        scale: float) -> None:
+    """Each prefill row of `chunks` as one decode-style query over the cache up to its own position (the
+    chunk's KV is already written), all in one call: a row's result depends on nothing but its context, so
+    neither batch-mates nor chunking change it."""
+    if not chunks:
+        return
+    width = max(p.block_table.shape[0] for p in chunks)
+    tables, lens = [], []
+    for p in chunks:
+        table = F.pad(p.block_table, (0, width - p.block_table.shape[0]))  # the kernel reads only len's pages
+        tables.append(table[None].expand(p.q_len, -1))
+        lens.append(torch.arange(p.ctx_len - p.q_len + 1, p.ctx_len + 1))
+    first, last = chunks[0].q_start, chunks[-1].q_start + chunks[-1].q_len
+    contiguous = all(a.q_start + a.q_len == b.q_start for a, b in zip(chunks, chunks[1:]))
+    rows = slice(first, last) if contiguous else \
+        torch.cat([torch.arange(p.q_start, p.q_start + p.q_len) for p in chunks])
+    out[rows] = rows_attention(q[rows], kv_cache, torch.cat(tables), torch.cat(lens), scale)
+
+
+def rows_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                   context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [n, Hq, D], one query per row over context_lens[i] cached tokens of block_tables[i]."""
+    ext = cpu_ext.get() if q.device.type == "cpu" else None
+    if ext is not None:
+        return ext.paged_decode(q, kv_cache[0], kv_cache[1], block_tables, context_lens, scale)
+    out = torch.empty_like(q)
+    for i, length in enumerate(context_lens.tolist()):  # one fixed-shape SDPA per row (the reference path)
+        k = _gather(kv_cache[0], block_tables[i:i + 1], length)
+        v = _gather(kv_cache[1], block_tables[i:i + 1], length)
+        out[i] = F.scaled_dot_product_attention(q[i:i + 1, :, None], k, v, scale=scale,
+                                                enable_gqa=q.shape[1] != k.shape[1])[0, :, 0]
+    return out
 
 
 def slice_metadata(meta: AttentionMetadata, start: int, end: int) -> AttentionMetadata:

@@ -17,10 +17,8 @@ row instead of once per chunk (cost in docs/benchmarks.md).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from nanoflow.kernels import cpu_ext
-from nanoflow.kernels.attention import AttentionMetadata, _gather
+from nanoflow.kernels.attention import AttentionMetadata, attend_prefill_rows, rows_attention
 
 
 def enable(model) -> None:
@@ -45,35 +43,6 @@ def attend_decode(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, me
 
 def attend_prefill(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                    scale: float) -> None:
-    """The prefill rows of `out`, each a decode-style query over the cache up to its own position (the
-    chunk's KV is already written), all chunks in one call."""
-    if not meta.prefills:
-        return
-    width = max(p.block_table.shape[0] for p in meta.prefills)
-    tables, lens = [], []
-    for p in meta.prefills:
-        table = F.pad(p.block_table, (0, width - p.block_table.shape[0]))  # the kernel reads only len's pages
-        tables.append(table[None].expand(p.q_len, -1))
-        lens.append(torch.arange(p.ctx_len - p.q_len + 1, p.ctx_len + 1))
-    first, last = meta.prefills[0].q_start, meta.prefills[-1].q_start + meta.prefills[-1].q_len
-    rows = torch.cat([torch.arange(p.q_start, p.q_start + p.q_len) for p in meta.prefills])
-    res = rows_attention(q[rows], kv_cache, torch.cat(tables), torch.cat(lens), scale)
-    if rows.shape[0] == last - first:  # chunks are contiguous (always, as the runner lays them out)
-        out[first:last] = res
-    else:
-        out[rows] = res
-
-
-def rows_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                   context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [n, Hq, D], one query per row over context_lens[i] cached tokens of block_tables[i]."""
-    ext = cpu_ext.get() if q.device.type == "cpu" else None
-    if ext is not None:
-        return ext.paged_decode(q, kv_cache[0], kv_cache[1], block_tables, context_lens, scale)
-    out = torch.empty_like(q)
-    for i, length in enumerate(context_lens.tolist()):  # one fixed-shape SDPA per row (the reference path)
-        k = _gather(kv_cache[0], block_tables[i:i + 1], length)
-        v = _gather(kv_cache[1], block_tables[i:i + 1], length)
-        out[i] = F.scaled_dot_product_attention(q[i:i + 1, :, None], k, v, scale=scale,
-                                                enable_gqa=q.shape[1] != k.shape[1])[0, :, 0]
-    return out
+    """The prefill rows of `out`, each a decode-style query over the cache up to its own position, whatever
+    the context length (the default path sends long contexts to SDPA)."""
+    attend_prefill_rows(out, q, kv_cache, meta.prefills, scale)

@@ -87,6 +87,7 @@ class LlamaForCausalLM(nn.Module):
         self.packed_head: torch.Tensor | None = None  # the LM head in oneDNN's layout (prepack_linears)
         self.tp = None  # the rank's TPGroup once it joined (distributed/comm.py); None: one device
         self.batch_invariant = False  # kernels/batch_invariant.enable
+        self.paged_prefill = False  # CPU: short prefill chunks through the paged C++ kernel (attention.attend_prefill)
 
     @property
     def tp_size(self) -> int:
