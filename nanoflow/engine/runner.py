@@ -26,9 +26,9 @@ class StepInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
-    sample_rows: torch.Tensor
-    sample_reqs: list  # for the engine only; the device side reads `sample_specs`
-    sample_specs: list[SampleRow] = field(default_factory=list)
+    sample_indices: torch.Tensor  # rows of the step's hidden states that go to the LM head and sample
+    sample_reqs: list  # for the engine only; the device side reads `sampling_rows`
+    sampling_rows: list[SampleRow] = field(default_factory=list)
     step_id: int = 0
     # Rows whose input token was sampled by the previous step and is not known on the CPU yet (async):
     # the worker copies them from that step's sampled-token tensor (indices `fill_src`) without a round trip.
@@ -109,7 +109,8 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Host side of a step (scheduling thread): token ids, positions, slots, block tables, sampling rows."""
-        ids, pos, slots, sample_rows, sample_reqs, specs, fill_rows, fill_src = [], [], [], [], [], [], [], []
+        ids, pos, slots, fill_rows, fill_src = [], [], [], [], []
+        sample_indices, sample_reqs, sampling_rows = [], [], []
         prompt_lp = PromptLogprobRows()
         bs = self.block_size
         for c in batch.chunks:
@@ -127,9 +128,9 @@ class ModelRunner:
                 prompt_lp.add(req, c.start, c.num_tokens, len(ids) - c.num_tokens)
             if c.samples:
                 row = len(ids) - 1
-                sample_rows.append(row)
+                sample_indices.append(row)
                 sample_reqs.append(req)
-                specs.append(SampleRow.of(req, row if fill_rows and fill_rows[-1] == row else -1))
+                sampling_rows.append(SampleRow.of(req, row if fill_rows and fill_rows[-1] == row else -1))
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long))
         self._decode_meta(batch, meta)
         row = len(batch.decodes)
@@ -143,8 +144,8 @@ class ModelRunner:
         fill = (torch.tensor(fill_rows, dtype=torch.long), torch.tensor(fill_src, dtype=torch.long)) if fill_rows \
             else (None, None)
         return StepInputs(torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), meta,
-                          torch.tensor(sample_rows, dtype=torch.long), sample_reqs, specs, self._step_id, *fill,
-                          kv_loads=list(batch.kv_loads), prompt_lp=prompt_lp or None)
+                          torch.tensor(sample_indices, dtype=torch.long), sample_reqs, sampling_rows, self._step_id,
+                          *fill, kv_loads=list(batch.kv_loads), prompt_lp=prompt_lp or None)
 
     def _decode_meta(self, batch: ScheduledBatch, meta: AttentionMetadata) -> None:
         if not batch.decodes:
@@ -186,18 +187,18 @@ class ModelRunner:
             hidden = self.executor(inp.input_ids, inp.positions, inp.meta, self.kv_caches)
             if inp.prompt_lp is not None:
                 inp.prompt_lp.compute(self.model, hidden)
-            if not len(inp.sample_rows):
+            if not len(inp.sample_indices):
                 self._prev_tokens = None
                 return None
-            logits = self.model.compute_logits(hidden[inp.sample_rows])
+            logits = self.model.compute_logits(hidden[inp.sample_indices])
             if logits is None:  # a tensor-parallel worker: rank 0 samples, the tokens come from there
-                self._prev_tokens = self.tp.broadcast_tokens(None, len(inp.sample_rows))
+                self._prev_tokens = self.tp.broadcast_tokens(None, len(inp.sample_indices))
                 return None
             with region("nanoflow::sampling"):
-                result = self.sampler(logits, inp.sample_specs, inp.input_ids)
+                result = self.sampler(logits, inp.sampling_rows, inp.input_ids)
             self._prev_tokens = result.tokens
             if self.tp is not None:
-                self.tp.broadcast_tokens(result.tokens, len(inp.sample_rows))
+                self.tp.broadcast_tokens(result.tokens, len(inp.sample_indices))
             if self.stream is not None:  # tokens go up through pinned memory; the engine waits on the event
                 result.host_tokens = torch.empty(result.tokens.shape, dtype=result.tokens.dtype, pin_memory=True)
                 result.host_tokens.copy_(result.tokens, non_blocking=True)
@@ -209,14 +210,15 @@ class ModelRunner:
 def _for_workers(inp: StepInputs) -> StepInputs:
     """What tensor-parallel workers need of a step: the tensors, without the engine's Requests (rank 0 samples)."""
     lp = dataclasses.replace(inp.prompt_lp, owners=[]) if inp.prompt_lp is not None else None
-    return dataclasses.replace(inp, sample_reqs=[], sample_specs=[], prompt_lp=lp)
+    return dataclasses.replace(inp, sample_reqs=[], sampling_rows=[], prompt_lp=lp)
 
 
 def _to_device(inp: StepInputs, device: torch.device) -> None:
     """Host-built step tensors to the device (non-blocking: ordered on the step's stream)."""
     def mv(t):
         return None if t is None else host_to_device(t, device)
-    inp.input_ids, inp.positions, inp.sample_rows = mv(inp.input_ids), mv(inp.positions), mv(inp.sample_rows)
+    inp.input_ids, inp.positions = mv(inp.input_ids), mv(inp.positions)
+    inp.sample_indices = mv(inp.sample_indices)
     inp.fill_rows, inp.fill_src = mv(inp.fill_rows), mv(inp.fill_src)
     m = inp.meta
     m.slot_mapping, m.decode_block_tables = mv(m.slot_mapping), mv(m.decode_block_tables)

@@ -95,7 +95,7 @@ class Sampler:
             idx = [i for i, g in enumerate(greedy) if not g]
             if idx:
                 at = _to(logits.device, idx)
-                tokens[at] = self._sample_rows(logits[at], [rows[i] for i in idx])
+                tokens[at] = self._sample_random(logits[at], [rows[i] for i in idx])
         lps = [None] * len(rows)
         if any(want_lp):  # logprobs are read on the worker (a device sync on a GPU; off the hot path)
             token_list = tokens.tolist()
@@ -138,7 +138,7 @@ class Sampler:
                                                                              device=row.device))
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
-    def _sample_rows(self, logits: torch.Tensor, reqs: list[SampleRow]) -> torch.Tensor:
+    def _sample_random(self, logits: torch.Tensor, reqs: list[SampleRow]) -> torch.Tensor:
         temps = _to(logits.device, [r.params.temperature for r in reqs], torch.float32).unsqueeze(1)
         probs = torch.softmax(logits / temps, dim=-1)
         probs = _filter(probs, reqs)
