@@ -72,14 +72,10 @@ class BlockManager:
         self.ref_counts[block] = 1
         return block
 
-    def take(self, block: int) -> None:
+    def add_ref(self, block: int) -> None:
         """Another owner takes a reference (prefix hit or an offload in flight); revives an evictable block."""
         if self.ref_counts[block] == 0:
             del self._evictable[block]  # KeyError here means a free, uncached block: a bug
-        self.ref_counts[block] += 1
-
-    def share(self, block: int) -> None:
-        assert self.ref_counts[block] > 0, f"sharing free block {block}"
         self.ref_counts[block] += 1
 
     def release(self, block: int) -> None:
@@ -158,7 +154,7 @@ class BlockManager:
         if need > self.num_free_blocks - revived:
             return False
         for b in hits:
-            self.take(b)
+            self.add_ref(b)
         req.block_table = list(hits)
         req.num_cached_blocks = len(hits)
         for _ in range(need):

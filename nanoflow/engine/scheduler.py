@@ -270,7 +270,7 @@ class Scheduler:
                 self.kv_tiers.store_now(todo)
             return
         for _, b in todo:
-            bm.share(b)
+            bm.add_ref(b)
         if todo:
             self.kv_tiers.offload(todo)
 
