@@ -117,12 +117,14 @@ def drive_scheduler(sched: Scheduler, pending: list[Request], *, next_token: Cal
                 req.output_token_ids.append(next_token(req))
                 if len(req.output_token_ids) >= req.params.max_tokens:
                     sched.finish(req, "length")
+                    sched.free_kv(req)
                     finished.append(req)
                     if on_finish is not None:
                         on_finish(req, finished)
         if abort_every and step % abort_every == abort_every - 1 and sched.running:
             victim = sched.running[0]
             sched.finish(victim, "abort")
+            sched.free_kv(victim)
             finished.append(victim)
         bm.check_invariants()
         step += 1

@@ -179,7 +179,7 @@ def test_switch_and_stats(pair):
        dense_batch=st.integers(1, 64), num_blocks=st.integers(8, 40), block_size=st.sampled_from([1, 4, 16]),
        max_num_seqs=st.integers(1, 12))
 def test_scheduler_async_drive(reqs, dense_batch, num_blocks, block_size, max_num_seqs):
-    """Launch step i+1 before reading step i back; a request may 'hit EOS' (stop_at) and retires one step late.
+    """Launch step i+1 before reading step i back; a request may 'hit EOS' (stop_at) and finishes one step late.
     Every request finishes, no block leaks, and no request samples past max_tokens."""
     sched = Scheduler(SchedulerConfig(dense_batch=dense_batch, max_num_seqs=max_num_seqs, max_model_len=90,
                                       block_size=block_size, num_blocks=num_blocks, admission_control=False))
@@ -210,11 +210,13 @@ def test_scheduler_async_drive(reqs, dense_batch, num_blocks, block_size, max_nu
                 assert n <= r.params.max_tokens, "sampled past max_tokens"
                 if n >= r.params.max_tokens or n == r.stop_at:
                     holder = next((f for f in flights if id(r) in f[1]), None)
-                    sched.finish(r, "length", release_kv=holder is None)
-                    if holder is not None:
+                    sched.finish(r, "length")
+                    if holder is None:
+                        sched.free_kv(r)
+                    else:
                         holder[2].append(r)
             for r in release:
-                sched.release_kv(r)
+                sched.free_kv(r)
         sched.block_manager.check_invariants()
         steps += 1
         assert steps < 5000, "no progress"

@@ -133,6 +133,7 @@ def test_hits_are_counted_and_never_cover_the_whole_prompt():
     sched.schedule()
     a.output_token_ids.append(1)
     sched.finish(a, "length")
+    sched.free_kv(a)
     b = Request([5] * 16, SamplingParams(max_tokens=1))  # same prompt: 3 blocks reused, the last recomputed
     sched.add(b)
     batch = sched.schedule()
@@ -149,6 +150,7 @@ def test_no_prefix_cache_switch():
         assert batch.prefills[0].start == 0
         r.output_token_ids.append(1)
         sched.finish(r, "length")
+        sched.free_kv(r)
     assert sched.num_prefix_hit_tokens == 0 and sched.block_manager.num_cached_blocks == 0
 
 

@@ -35,7 +35,7 @@ class InFlightStep:
     inputs: StepInputs
     future: Future | None = None  # async: the worker's answer
     done: tuple[SampleResult | None, DeviceTiming] | None = None  # sync: computed inline
-    release_after: list = field(default_factory=list)  # finished while this step ran: free their KV after it
+    free_kv_after: list = field(default_factory=list)  # finished while this step ran: free their KV after it
     _req_ids: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:

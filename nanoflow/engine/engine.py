@@ -1,4 +1,4 @@
-"""The step loop: schedule -> run -> sample -> append, detokenize, stop checks, retire.
+"""The step loop: schedule -> run -> sample -> append, detokenize, stop checks, finish (free KV).
 
 With async scheduling (default) step i+1 is scheduled, prepared and launched while step i runs on the device;
 step i's tokens are read back after that (async_exec.py)."""
@@ -121,12 +121,13 @@ class LLMEngine:
         for c in group.children if group else []:
             self._wait_for_steps_of(c)  # KV is freed at once: no step in flight may still write it
             for f in self._in_flight:  # finished earlier, release was waiting for that step
-                if any(r is c for r in f.release_after):
-                    f.release_after = [r for r in f.release_after if r is not c]
-                    self.scheduler.release_kv(c)
+                if any(r is c for r in f.free_kv_after):
+                    f.free_kv_after = [r for r in f.free_kv_after if r is not c]
+                    self.scheduler.free_kv(c)
             if not c.is_finished:
                 self.scheduler.finish(c, "abort")
-            self._retire(c)
+                self.scheduler.free_kv(c)
+            self._drop_sampling_state(c)
             self._owner.pop(c.request_id, None)
 
     def has_unfinished_requests(self) -> bool:
@@ -170,14 +171,14 @@ class LLMEngine:
         return InFlightStep(batch, inp, done=run_timed(self.runner, inp))
 
     def _read_back(self, flight: InFlightStep) -> list[RequestOutput]:
-        """Append a finished step's tokens, detokenize, check stops; drop tokens of requests retired meanwhile."""
+        """Append a finished step's tokens, detokenize, check stops; drop tokens of requests finished meanwhile."""
         t0 = time.perf_counter()
         try:
             result, timing = flight.wait()
         except BaseException:  # the step failed: its requests' KV is no longer written, free what waited on it
-            for req in flight.release_after:
-                self.scheduler.release_kv(req)
-                self._retire(req)
+            for req in flight.free_kv_after:
+                self.scheduler.free_kv(req)
+                self._drop_sampling_state(req)
             raise
         token_ids = result.token_ids if result is not None else []  # (GPU: waits for the pinned copy)
         if flight.inputs.prompt_lp is not None:  # before the tokens: a request may finish on this step
@@ -195,9 +196,9 @@ class LLMEngine:
             if result.grammar_done is not None and result.grammar_done[i] and not req.is_finished:
                 self._finish(req, "stop", None)  # the grammar is complete (its EOS ignored or banned)
             self.stats.generated_tokens += 1
-        for req in flight.release_after:  # the step that still wrote their KV has completed
-            self.scheduler.release_kv(req)
-            self._retire(req)
+        for req in flight.free_kv_after:  # the step that still wrote their KV has completed
+            self.scheduler.free_kv(req)
+            self._drop_sampling_state(req)
         if not self._in_flight and not self.scheduler.has_unfinished():
             self._clock.reset()  # nothing to do: the device idling now is not a scheduling gap
         outputs = [self._make_output(g) for g in touched.values()
@@ -243,14 +244,16 @@ class LLMEngine:
     def _finish(self, req: Request, reason: str, stop_reason) -> None:
         req.stop_reason = stop_reason
         holder = next((f for f in self._in_flight if f.holds(req)), None)
-        self.scheduler.finish(req, reason, release_kv=holder is None)
+        self.scheduler.finish(req, reason)
         if holder is None:
-            self._retire(req)
+            self.scheduler.free_kv(req)
+            self._drop_sampling_state(req)
         else:  # async: the step in flight still writes its KV; free it once that step completes
-            holder.release_after.append(req)
+            holder.free_kv_after.append(req)
 
-    def _retire(self, req: Request) -> None:
-        self.runner.sampler.release(req)
+    def _drop_sampling_state(self, req: Request) -> None:
+        """A finished request's seeded generator and grammar matcher."""
+        self.runner.sampler.drop_state(req)
 
     def _make_output(self, group: RequestGroup) -> RequestOutput:
         outs = [CompletionOutput(i, c.text, list(c.output_token_ids), c.finish_reason, c.stop_reason,

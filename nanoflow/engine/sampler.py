@@ -68,7 +68,7 @@ class Sampler:
             g = self._generators[row.request_id] = torch.Generator(self.device).manual_seed(row.params.seed)
         return g
 
-    def release(self, req: Request) -> None:
+    def drop_state(self, req: Request) -> None:
         self._generators.pop(req.request_id, None)
         self._grammars.release(req.request_id)
 

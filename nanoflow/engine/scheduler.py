@@ -116,21 +116,19 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, req: Request, reason: str, release_kv: bool = True) -> None:
-        """`release_kv=False`: a step in flight still writes the request's KV (async scheduling); the engine
-        calls release_kv() once that step has completed."""
+    def finish(self, req: Request, reason: str) -> None:
+        """End the request: it leaves the queues. Its KV stays until free_kv(): under async scheduling a step
+        in flight may still write it, so the engine frees it once that step has completed."""
         req.status, req.finish_reason = RequestStatus.FINISHED, reason
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        if release_kv:
-            self.release_kv(req)
         if reason != "abort":
             n = len(req.output_token_ids)
             self._avg_output_len = n if self._avg_output_len is None else 0.9 * self._avg_output_len + 0.1 * n
 
-    def release_kv(self, req: Request) -> None:
+    def free_kv(self, req: Request) -> None:
         """Offload (KV tiers) and free a finished request's blocks."""
         if self.kv_tiers is not None and req.finish_reason != "abort":
             self._offload(req)
@@ -173,7 +171,7 @@ class Scheduler:
 
     def _reached_limit(self, req: Request) -> bool:
         """A token in flight (async) already takes the request to max_tokens or the context length: a step
-        more would compute a token that is thrown away. The engine retires it when the token is read."""
+        more would compute a token that is thrown away. The engine finishes it when the token is read."""
         if not req.num_output_placeholders:
             return False
         total = req.num_tokens + req.num_output_placeholders
