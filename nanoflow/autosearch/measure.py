@@ -110,21 +110,6 @@ def gpu_streams(counts: dict[str, int], device: torch.device) -> dict:
     return CudaUnits(units, device).streams
 
 
-def time_on_stream(fn: Callable[[], None], stream, reps: int = 20) -> float:
-    """Median seconds of fn on `stream` by CUDA events, after a warm-up."""
-    with torch.cuda.stream(stream):
-        fn()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record(stream)
-            fn()
-            b.record(stream)
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
-
-
 def corun_gpu(fa, fb, streams: tuple, reps: int = 20) -> tuple[float, float]:
     """fa repeated on streams[0] and fb on streams[1], launched together: (calls/s of a, of b)."""
     sa, sb = streams

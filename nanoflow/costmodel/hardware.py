@@ -44,10 +44,6 @@ class Hardware:
             raise ValueError(f"num_devices must be >= 1, got {n}")
         return replace(self, num_devices=n)
 
-    def with_compute(self, flops_per_device: float) -> "Hardware":
-        """Same machine with a measured (not datasheet) GEMM peak, as Eq. 5 asks for."""
-        return replace(self, compute_gflops=flops_per_device / 1e9)
-
 
 def _hw(name: str, mem: float, bw: float, net: float, tflops: float) -> Hardware:
     return Hardware(name, mem, bw, net, tflops * 1e3)

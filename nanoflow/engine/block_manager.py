@@ -91,9 +91,6 @@ class BlockManager:
         total = req.num_computed_tokens + num_new_tokens
         return max(0, blocks_needed(total, self.block_size) - len(req.block_table))
 
-    def can_grow(self, req: Request, num_new_tokens: int) -> bool:
-        return self.blocks_to_grow(req, num_new_tokens) <= self.num_free_blocks
-
     def grow(self, req: Request, num_new_tokens: int) -> bool:
         """Give `req` slots for `num_new_tokens` more tokens; False (and no change) if memory is short."""
         need = self.blocks_to_grow(req, num_new_tokens)

@@ -21,7 +21,6 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     request_id: str = field(default_factory=lambda: str(next(_ids)))
-    arrival: int = field(default_factory=lambda: next(_ids))
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose KV is in the cache

@@ -160,13 +160,6 @@ class ModelRunner:
         meta.decode_context_lens = torch.tensor(lens, dtype=torch.long)
         meta.decode_max_len = max_len
 
-    @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[list, SampleResult | None]:
-        """Run one step synchronously; returns the requests that sampled and what they sampled."""
-        with region("nanoflow::prepare inputs"):
-            inp = self.prepare(batch)
-        return inp.sample_reqs, self.run(inp)
-
     @torch.inference_mode()  # thread-local: set here too, since the async worker thread calls run() directly
     def run(self, inp: StepInputs) -> SampleResult | None:
         """Device side of a step: forward + sampling. Steps run strictly in the order they were prepared (one

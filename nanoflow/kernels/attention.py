@@ -41,14 +41,6 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     kv_cache[1].view(nb * bs, h, d).index_copy_(0, slot_mapping, v)
 
 
-def paged_attention(q, k, v, kv_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, Hq, D]; k, v: this step's [T, Hkv, D] (already written to the cache)."""
-    out = torch.empty_like(q)
-    attend_decode(out, q, kv_cache, meta, scale)
-    attend_prefill(out, q, k, v, kv_cache, meta, scale)
-    return out
-
-
 def attend_decode(out, q, kv_cache, meta: AttentionMetadata, scale: float) -> None:
     """The decode rows of `out` (NanoFlow's memory-bound operation)."""
     nd = meta.num_decode

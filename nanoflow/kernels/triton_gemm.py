@@ -28,10 +28,6 @@ def available() -> bool:
     return triton is not None
 
 
-def unavailable_reason() -> str | None:
-    return _IMPORT_ERROR
-
-
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -1,7 +1,7 @@
 """Model shape: one dataclass shared by the loader, the runner and the cost model."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,6 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.num_layers * self.kv_size * dtype_bytes
-
-    def with_overrides(self, **kw) -> "ModelConfig":
-        return replace(self, **kw)
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -21,7 +21,6 @@ from nanoflow.server.protocol import error_body
 
 log = logging.getLogger("nanoflow.server")
 DEFAULT_MAX_BODY_BYTES = 16 << 20  # 64 prompts of 1M characters do not fit; any sane request does
-DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 _ERROR_MARGIN_S = 5.0  # after the deadline: time for the error bodies to go out before uvicorn cancels
 
 
