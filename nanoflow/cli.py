@@ -1,4 +1,4 @@
-"""`nanoflow` command line: run, generate, chat, bench, roofline."""
+"""`nanoflow` command line: generate, chat, run, bench, serve, run-batch, roofline, trace, profile, tune."""
 from __future__ import annotations
 
 import argparse
