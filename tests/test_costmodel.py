@@ -39,7 +39,7 @@ def test_hardware_lookup_and_table1_ratios():
 
 
 def test_optimal_throughput_llama2_70b_1857():
-    # The paper's 1857 tok/s/GPU needs ~260 TFLOP/s with its nominal P = 70B (notes 1.6).
+    # The paper's 1857 tok/s/GPU needs ~260 TFLOP/s with its nominal P = 70B (docs/paper-notes.md).
     assert cm.optimal_throughput_params(70e9, 260e12) == pytest.approx(1857, rel=0.01)
     # With the real GEMM shapes (68.7B incl. LM head) the same peak gives ~1.9% more.
     real = cm.optimal_throughput(get_preset("llama-2-70b"), 260e12)

@@ -1,7 +1,7 @@
 """The paper's cost model (§3.1-3.5): Eq. 1-5, the bound classification and a Table 2 style
 per-operation breakdown of one iteration (the whole dense batch through all layers).
 
-Conventions (see /work/shared/design/nanoflow-paper.md 1.2-1.5): hardware numbers are aggregate
+Conventions (docs/paper-notes.md, sections 1-4): hardware numbers are aggregate
 over the instance; collectives are 2 ring AllReduces per layer over one-way link bandwidth;
 "params" is P_model, the GEMM weights one token multiplies through (MoE: active ones).
 """

@@ -20,7 +20,7 @@ class Hardware:
     compute_gflops: float  # dense FP16/BF16 GEMM peak per device
     num_devices: int = 1
 
-    # Aggregates over the instance (the paper's symbols are aggregate, see notes 1.1).
+    # Aggregates over the instance (the paper's symbols are aggregate, docs/paper-notes.md).
     @property
     def total_mem_bytes(self) -> float:
         return self.mem_size_gb * 1e9 * self.num_devices

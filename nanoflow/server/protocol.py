@@ -1,8 +1,8 @@
 """OpenAI request/response shapes (completions + chat) with validation, and the OpenAI error body.
 
 Pydantic runs in strict mode (no "5" -> 5, no true -> 1, no NaN/inf) so wrong types are rejected, not guessed.
-Ranges follow vLLM/SGLang (../shared/design/openai-api-notes.md, 1.9). Cross-field and model-dependent checks
-(context length, vocabulary) live in serving.py because they need the engine's numbers.
+Ranges follow vLLM and SGLang (their OpenAI request classes and SamplingParams checks). Cross-field and
+model-dependent checks (context length, vocabulary) live in serving.py because they need the engine's numbers.
 """
 from __future__ import annotations
 
