@@ -1,4 +1,4 @@
-"""Fuzz the OpenAI server at volume (issue 14, item 8; not a test): records the greedy answers of a fixed prompt
+"""Fuzz the OpenAI server at volume (not a test): records the greedy answers of a fixed prompt
 set, then sends N hypothesis-generated requests built from the server's own /openapi.json (raw httpx and the
 openai client) while streaming clients disconnect at random points; every request has a client timeout (a hang).
 Checks: 0 responses >= 500, 0 hangs, malformed error bodies / streams 0, KV pool back to full, greedy unchanged.

@@ -1,4 +1,4 @@
-"""OpenAI API parity with vLLM (issue 14): the model card, continuous usage, finish/stop reasons, n and seed,
+"""OpenAI API parity with vLLM: the model card, continuous usage, finish/stop reasons, n and seed,
 logit_bias, min_tokens, vocabulary checks, declined fields, prompt logprobs (echo + logprobs). A real server on
 the default model in float32, driven by the `openai` client and raw httpx."""
 from __future__ import annotations

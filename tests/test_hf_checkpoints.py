@@ -1,4 +1,4 @@
-"""HF checkpoints as tools write them (issue 14, item 7): a tied embedding stored only as `lm_head.weight`,
+"""HF checkpoints as tools write them: a tied embedding stored only as `lm_head.weight`,
 `model.safetensors.index.json` shards, and one-line errors for broken directories. Built in tmp_path from the
 default model's HF export (float32), compared with the GGUF it came from."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SamplingParams.prompt_logprobs (issue 14, item 1): equal to HF transformers on the whole prompt (float32),
+"""SamplingParams.prompt_logprobs: equal to HF transformers on the whole prompt (float32),
 with prefill chunked small, with async scheduling, and again when the prompt's blocks are in the prefix cache."""
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from nanoflow import LLM, SamplingParams
 from nanoflow.server.app import ServerThread, build_app
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from fuzz_volume import Fuzz  # noqa: E402  (benchmarks/fuzz_volume.py, issue 14 item 8)
+from fuzz_volume import Fuzz  # noqa: E402  (benchmarks/fuzz_volume.py)
 
 pytestmark = pytest.mark.slow  # the default model behind a real server
 

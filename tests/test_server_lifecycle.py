@@ -1,4 +1,4 @@
-"""`nanoflow serve` as a real process (issue 14, item 6): ready only once warmed up, 413 over the body limit,
+"""`nanoflow serve` as a real process: ready only once warmed up, 413 over the body limit,
 and on SIGTERM in-flight requests either finish or end with an OpenAI error / SSE error event and [DONE]."""
 from __future__ import annotations
 

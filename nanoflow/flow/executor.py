@@ -196,6 +196,6 @@ def make_executor(kind: str, plan, model, device=None, dense_batch: int = 256) -
     ex = OverlapExecutor(p, model, device) if kind == "overlap" else SingleUnitExecutor(p, model, kind)
     # Not under tensor parallelism: capturing NCCL collectives in a graph needs more care than we can test here.
     if device.type == "cuda" and model.tp_size == 1 and env.cuda_graphs():
-        from nanoflow.flow.cuda_graphs import GraphedStep  # C2: whole step as one CUDA graph per step shape
+        from nanoflow.flow.cuda_graphs import GraphedStep  # the whole step as one CUDA graph per step shape
         return GraphedStep(ex)
     return ex

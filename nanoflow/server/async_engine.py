@@ -1,6 +1,6 @@
 """One engine thread serving every HTTP connection.
 
-The engine is single-threaded (team contract): only the thread below touches it. Request handlers hand
+The engine is single-threaded: only the thread below touches it. Request handlers hand
 commands (AddRequest, AbortRequest, EndAll, Wake) over a thread-safe queue; the thread applies them between
 steps, runs `step()`, and feeds each request's asyncio queue through `loop.call_soon_threadsafe`. Admission is
 bounded: when the waiting queue is full `reserve` raises `QueueFull` (answered 429) instead of queueing without

@@ -1,4 +1,4 @@
-"""Startup and shutdown that keep their promises (issue 14, item 6).
+"""Startup and shutdown that keep their promises.
 
 - warm_up: one tiny request through a whole step before the server listens, so the C++ kernels are built and
   loaded and /health's first 200 means the engine answers at once.
