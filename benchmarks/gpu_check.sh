@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make gpu-check`: the prepared check for a session lent an NVIDIA H100/H200 (docs/benchmarks.md, "GPU check").
+# `make gpu-check`: the prepared check for a machine with an NVIDIA H100/H200 (docs/benchmarks.md, "GPU check").
 # Stages, each with its own timeout inside one overall budget; a stage that fails does not stop the next:
 #   env     nvidia-smi, torch / CUDA / Triton versions, and what is missing (and which stage needs it)
 #   pytest  pytest tests/test_device.py: the CUDA-only tests (CUDA engine vs the CPU's greedy tokens, ...)
@@ -22,7 +22,7 @@
 # GPU_CHECK_WORKLOAD, GPU_CHECK_NUM_REQUESTS, GPU_CHECK_KV_GB, GPU_CHECK_PYTHON (the interpreter to use).
 #
 # Python: .venv (the Makefile's) when it is there; if it is missing and PyPI answers, `make .venv/.installed`;
-# else (the lent GPU machine: no network, no .venv, and a venv with CUDA torch is gigabytes, over the 64 MiB a
+# else (the GPU machine: no network, no .venv, and a venv with CUDA torch is gigabytes, over the 64 MiB a
 # call carries) python3 on PATH, whose image holds torch + Triton + most of our deps, with the repo (and the
 # carried .gpu-carry site folder) on PYTHONPATH. The env stage prints what that interpreter lacks.
 set -u
@@ -145,7 +145,7 @@ elif [ ! -f .venv/.installed ] && pypi_reachable; then
 else
   PY=python3
   if [ -x .venv/bin/python ]; then SETUP_NOTE=".venv present but its torch sees no CUDA (a CPU build?): python3 on PATH"
-  else SETUP_NOTE="no .venv and PyPI unreachable: python3 on PATH (a lent GPU image's python3 holds torch + Triton)"; fi
+  else SETUP_NOTE="no .venv and PyPI unreachable: python3 on PATH (a GPU image's python3 holds torch + Triton)"; fi
 fi
 command -v "$PY" >/dev/null 2>&1 || [ -x "$PY" ] || { note "no Python interpreter ($PY): nothing can run"; PY=false; }
 
