@@ -53,7 +53,7 @@ bench-deps: $(STAMP) $(VLLM_STAMP)
 bench: bench-deps
 	bash benchmarks/vs_vllm.sh
 
-# The prepared GPU check (a lent H100/H200; docs/benchmarks.md "GPU check"): pytest tests/test_device.py,
+# The prepared GPU check (an H100/H200 machine; docs/benchmarks.md "GPU check"): pytest tests/test_device.py,
 # nanoflow trace and the 8B executor ablation, under 8 minutes, into $$OUT or out/gpu-check/<date>. No
 # $(STAMP) prerequisite: the GPU machine has no PyPI; the script picks .venv or the image's python3 itself.
 # GPU_CHECK_DEVICE=cpu runs the same stages tiny on the CPU.

@@ -30,7 +30,7 @@ def test_bash_syntax_and_help():
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 def test_every_nanoflow_command_parses(device):
     """Each command line the script would run, parsed by the real `nanoflow` parser: a renamed option or a
-    value of the wrong type fails here, not 5 minutes into a lent GPU."""
+    value of the wrong type fails here, not 5 minutes into a GPU run."""
     from nanoflow.bench import offline
     from nanoflow.cli import build_parser
     from nanoflow.flow import trace
