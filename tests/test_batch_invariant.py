@@ -57,6 +57,7 @@ def reference():
     return _alone(LLM("default", dtype="bfloat16", batch_invariant=True))
 
 
+@pytest.mark.slow  # the default model under every executor
 @pytest.mark.parametrize("executor", ["sequential", "nanobatch", "overlap"])
 def test_greedy_is_batch_invariant(reference, executor):
     llm = LLM("default", dtype="bfloat16", batch_invariant=True, executor=executor, dense_batch=DENSE)
@@ -85,6 +86,7 @@ def test_tiled_linear_rows_do_not_depend_on_rows_around_them():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_without_the_mode_logits_depend_on_the_batch():
     """The default bf16 path: the same requests alone and in a chunked, mixed batch get different logprobs
     (GEMM blocking by M, SDPA over different chunks). Tokens may or may not flip (near-ties)."""
