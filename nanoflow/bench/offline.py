@@ -194,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
     args.executor, *args.more_executors = [k.strip() for k in args.executor.split(",") if k.strip()] or ["sequential"]
     args.tp_sizes = [int(x) for x in str(args.tensor_parallel_size).split(",") if x.strip()] or [1]
     cfg = asdict(engine_config_from_args(args))
+    args.dtype = cfg["dtype"]  # "auto" resolved for this hardware: the rows, the labels and the JSON say which
     llm = LLM(cfg.pop("model"), **cfg)
     requests = sample_workload(args.workload, args.num_requests, args.workload_seed,
                                llm.model_config.vocab_size, llm.engine.max_model_len, args.max_input, args.max_output)
