@@ -91,11 +91,9 @@ def main() -> int:
     write_input(inp, args.lines, args.max_tokens)
     out.unlink(missing_ok=True)
     print(f"input: {args.lines} lines, {inp.stat().st_size / 2**20:.1f} MiB", flush=True)
-    runs = [run_once(inp, out, args.extra, args.interrupt_at, args.lines)]
-    if args.interrupt_at:
-        runs.append(run_once(inp, out, args.extra, None, args.lines))
-    for r in runs:
-        print(json.dumps(r), flush=True)
+    print(json.dumps(run_once(inp, out, args.extra, args.interrupt_at, args.lines)), flush=True)
+    if args.interrupt_at:  # (each run's numbers print as it ends: a long resume keeps what the first measured)
+        print(json.dumps(run_once(inp, out, args.extra, None, args.lines)), flush=True)
     print(json.dumps(check(out, args.lines)), flush=True)
     return 0
 
