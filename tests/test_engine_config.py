@@ -89,3 +89,25 @@ def test_cpp_kernel_switch_is_per_engine():
         engines[flag].generate([[1, 504, 3458]], params, use_tqdm=False)
         assert seen[flag] == (flag and default)
     assert cpu_ext.enabled() == default
+
+
+def test_cpp_kernel_switch_is_per_thread():
+    """Two engines stepping at once on different threads each see their own C++-kernel choice."""
+    import threading
+
+    from nanoflow.kernels import cpu_ext
+    seen, barrier = {}, threading.Barrier(2)
+
+    def step(name: str, flag: bool) -> None:
+        with cpu_ext.switched(flag):
+            barrier.wait()  # both inside their switch at the same time
+            seen[name] = cpu_ext.enabled()
+            barrier.wait()
+
+    threads = [threading.Thread(target=step, args=("off", False)), threading.Thread(target=step, args=("on", True))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen["off"] is False
+    assert seen["on"] is (not cpu_ext._env_off)

@@ -9,6 +9,7 @@ NANOFLOW_NO_CPP=1 switches every C++ kernel off whatever an engine asks, for abl
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -19,7 +20,9 @@ log = logging.getLogger(__name__)
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _SOURCES = [os.path.join(_CSRC, f) for f in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp")]
 _env_off = env.no_cpp()
-_enabled = not _env_off  # outside a step: the default; inside one: that engine's choice (switched)
+# Outside a step: on unless NANOFLOW_NO_CPP; inside one: that engine's choice (switched). A context variable,
+# so engines stepping at the same time on different threads each see their own.
+_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("nanoflow_cpp_kernels", default=not _env_off)
 
 
 @contextlib.contextmanager
@@ -27,22 +30,21 @@ def switched(flag: bool):
     """C++ kernels on (`flag`) or off for the code inside: a runner's step, with its engine's setting. The
     kernels are module-level functions picked deep in the model (get/enabled), so the step scopes the choice
     rather than every call site carrying it; the environment switch always wins."""
-    global _enabled
-    before, _enabled = _enabled, flag and not _env_off
+    token = _enabled.set(flag and not _env_off)
     try:
         yield
     finally:
-        _enabled = before
+        _enabled.reset(token)
 
 
 def enabled() -> bool:
-    return _enabled
+    return _enabled.get()
 
 
 def get():
     """The compiled module when C++ kernels are on and buildable, else None (use the torch path).
     While profiling, each kernel call is a labelled range (pybind calls are invisible to the profiler)."""
-    ext = load() if _enabled else None
+    ext = load() if _enabled.get() else None
     return _Labelled(ext) if ext is not None and profiling._active else ext
 
 
