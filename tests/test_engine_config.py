@@ -111,3 +111,20 @@ def test_cpp_kernel_switch_is_per_thread():
         t.join()
     assert seen["off"] is False
     assert seen["on"] is (not cpu_ext._env_off)
+
+
+def test_cpp_kernel_switch_reaches_the_overlap_units():
+    """The overlap executor's unit threads run a step's tasks under the stepping engine's C++-kernel choice."""
+    from nanoflow.flow.cpu_units import CpuUnits
+    from nanoflow.flow.executor import NanoTask, Program
+    from nanoflow.flow.plan import Unit
+    from nanoflow.kernels import cpu_ext
+    units = CpuUnits([Unit("compute", ["compute"], 0.5), Unit("memory", ["memory"], 0.5)])
+    tasks = [[NanoTask(0, "qkv", 0, 0, 1, True, u, ())] for u in (0, 1)]
+    seen = []
+    try:
+        with cpu_ext.switched(False):
+            units.run(Program(["compute", "memory"], tasks), lambda task: seen.append(cpu_ext.enabled()))
+    finally:
+        units.close()
+    assert seen == [False, False]

@@ -13,6 +13,7 @@ tasks in order, so "task p of unit u is done" is "progress[u] > p").
 """
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import os
 import threading
@@ -88,7 +89,8 @@ class CpuUnits:
             self._start()
         with self._cv:
             self._progress = [0] * len(self.names)
-            self._job, self._finished, self._error = (program, fn, trace), 0, None
+            # The caller's context variables (e.g. its engine's C++-kernel switch) hold in the unit threads too.
+            self._job, self._finished, self._error = (program, fn, trace, contextvars.copy_context()), 0, None
             self._generation += 1
             self._cv.notify_all()
             while self._finished < len(self.names):
@@ -107,9 +109,9 @@ class CpuUnits:
                         self._cv.wait()
                     if self._closed:
                         return
-                    seen, (program, fn, trace) = self._generation, self._job
+                    seen, (program, fn, trace, ctx) = self._generation, self._job
                 try:
-                    self._run_tasks(u, program.tasks[u], fn, trace)
+                    ctx.copy().run(self._run_tasks, u, program.tasks[u], fn, trace)
                 except BaseException as e:  # noqa: BLE001 - handed to the caller of run()
                     with self._cv:
                         self._error = self._error or e
