@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from nanoflow.flow.ops import StepState, layer_operations, run_op
+from nanoflow.flow.ops import StepState, run_op
 from nanoflow.kernels.attention import AttentionMetadata, PrefillChunk
 from nanoflow.autosearch.interference import CoRun, rp_tables
 from nanoflow.env import cache_dir
@@ -228,7 +228,6 @@ def _time(fn, gpu: bool, min_time: float) -> float:
 def _coruns(model, state, prof: Profile, call, window: float, gpu: bool) -> list[CoRun]:
     """Each (compute, memory) pair on a nano-batch: solo rates on the whole device, then side by side
     under every way of sharing it; R = compute's co-run rate / solo rate, P likewise for the memory op."""
-    from nanoflow.autosearch import measure
     half, dec = prof.dense_batch // 2, max(1, prof.num_decode // 2)
     out = []
     for comp, mem in CORUN_PAIRS:
