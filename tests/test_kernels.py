@@ -32,22 +32,30 @@ def test_paged_decode_matches_torch(dtype, hq, hkv, d, b, bs):
     torch.testing.assert_close(got.float(), want, **TOL[dtype])
 
 
-def test_fused_add_rms_norm_matches_torch():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [576, 100])  # 100: a partial last vector
+def test_fused_add_rms_norm_matches_torch(dtype, hidden):
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(37, 576, generator=gen).bfloat16()
-    res = torch.randn(37, 576, generator=gen).bfloat16()
-    w = torch.randn(576, generator=gen).bfloat16()
+    x = torch.randn(37, hidden, generator=gen).to(dtype)
+    res = torch.randn(37, hidden, generator=gen).to(dtype)
+    w = torch.randn(hidden, generator=gen).to(dtype)
     want_res = x + res
-    want = F.rms_norm(want_res.float(), (576,), w.float(), 1e-5)
+    want = F.rms_norm(want_res.float(), (hidden,), w.float(), 1e-5)
     ext.fused_add_rms_norm(x, res, w, 1e-5)
     torch.testing.assert_close(res, want_res)
-    torch.testing.assert_close(x.float(), want, **TOL[torch.bfloat16])
+    torch.testing.assert_close(x.float(), want, **TOL[dtype])
 
 
-def test_silu_and_mul_matches_torch():
-    gu = torch.randn(33, 2 * 1536, generator=torch.Generator().manual_seed(2)).bfloat16()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inter", [1536, 100])
+def test_silu_and_mul_matches_torch(dtype, inter):
+    gu = torch.randn(33, 2 * inter, generator=torch.Generator().manual_seed(2)) * 4
+    gu[0, :8] = torch.tensor([-200.0, -90.0, -88.5, -20.0, 0.0, 20.0, 88.5, 200.0])  # exp's clamped ends
+    gu = gu.to(dtype)
     g, u = gu.float().chunk(2, dim=-1)
-    torch.testing.assert_close(ext.silu_and_mul(gu).float(), F.silu(g) * u, **TOL[torch.bfloat16])
+    got = ext.silu_and_mul(gu)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), F.silu(g) * u, **TOL[dtype])
 
 
 def test_rope_inplace_matches_torch():

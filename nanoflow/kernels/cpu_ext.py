@@ -19,6 +19,7 @@ from nanoflow import env, profiling
 log = logging.getLogger(__name__)
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _SOURCES = [os.path.join(_CSRC, f) for f in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp")]
+_HEADERS = [os.path.join(_CSRC, "vec.h")]  # (in the build key: a header change is a new build)
 _env_off = env.no_cpp()
 # Outside a step: on unless NANOFLOW_NO_CPP; inside one: that engine's choice (switched). A context variable,
 # so engines stepping at the same time on different threads each see their own.
@@ -100,7 +101,7 @@ def build_dir() -> str:
     import torch
 
     h = hashlib.sha256()
-    for f in _SOURCES:
+    for f in _SOURCES + _HEADERS:
         with open(f, "rb") as fh:
             h.update(fh.read())
     # The sources' directory too: ninja rebuilds when a source path changes, so two checkouts sharing one

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include "vec.h"
 
 namespace {
 
@@ -11,6 +12,45 @@ template <typename T>
 inline float f32(T x) { return static_cast<float>(x); }
 
 constexpr int64_t kGrain = 16;  // rows per task: small enough to balance 2-8 threads at decode sizes
+
+using namespace nanoflow_vec;
+
+#ifdef NANOFLOW_AVX512BF16
+// The bf16 rows of fused_add_rms_norm in AVX-512: the scalar loop's c10::BFloat16 conversions do not vectorize
+// (10x slower than the float32 loop). Same arithmetic: the sum is rounded to bf16 before it is squared.
+void add_rms_norm_row_bf16(c10::BFloat16* x, c10::BFloat16* res, const c10::BFloat16* w, int64_t H, float eps) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t i = 0; i < H; i += 16) {
+    const __mmask16 k = tail_mask(H - i);
+    store_bf16(res + i, _mm512_add_ps(load_bf16(x + i, k), load_bf16(res + i, k)), k);
+    const __m512 s = load_bf16(res + i, k);
+    ss = _mm512_fmadd_ps(s, s, ss);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / H + eps));
+  for (int64_t i = 0; i < H; i += 16) {
+    const __mmask16 k = tail_mask(H - i);
+    store_bf16(x + i, _mm512_mul_ps(_mm512_mul_ps(load_bf16(res + i, k), inv), load_bf16(w + i, k)), k);
+  }
+}
+
+void silu_and_mul_row_bf16(const c10::BFloat16* g, const c10::BFloat16* u, c10::BFloat16* o, int64_t I) {
+  for (int64_t i = 0; i < I; i += 16) {
+    const __mmask16 k = tail_mask(I - i);
+    store_bf16(o + i, _mm512_mul_ps(silu_ps(load_bf16(g + i, k)), load_bf16(u + i, k)), k);
+  }
+}
+#endif
+
+#ifdef NANOFLOW_AVX2
+// float32 silu * up, vectorized (std::exp and the division kept the scalar loop at ~170 us for 256 x 1536).
+void silu_and_mul_row_f32(const float* g, const float* u, float* o, int64_t I) {
+  int64_t i = 0;
+  for (; i + 8 <= I; i += 8) {
+    _mm256_storeu_ps(o + i, _mm256_mul_ps(silu256_ps(_mm256_loadu_ps(g + i)), _mm256_loadu_ps(u + i)));
+  }
+  for (; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+#endif
 
 }  // namespace
 
@@ -27,6 +67,14 @@ void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* xr = xp + r * H;
         scalar_t* rr = rp + r * H;
+#ifdef NANOFLOW_AVX512BF16
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          using B = c10::BFloat16;  // (the branch is compiled for every dtype: the casts are no-ops where taken)
+          add_rms_norm_row_bf16(reinterpret_cast<B*>(xr), reinterpret_cast<B*>(rr), reinterpret_cast<const B*>(wp), H,
+                                static_cast<float>(eps));
+          continue;
+        }
+#endif
         float ss = 0.f;
         for (int64_t i = 0; i < H; ++i) {
           const scalar_t s = static_cast<scalar_t>(f32(xr[i]) + f32(rr[i]));  // the residual stream keeps dtype
@@ -55,6 +103,20 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
         const scalar_t* g = in + r * 2 * I;
         const scalar_t* u = g + I;
         scalar_t* o = op + r * I;
+#ifdef NANOFLOW_AVX512BF16
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          using B = c10::BFloat16;
+          silu_and_mul_row_bf16(reinterpret_cast<const B*>(g), reinterpret_cast<const B*>(u), reinterpret_cast<B*>(o), I);
+          continue;
+        }
+#endif
+#ifdef NANOFLOW_AVX2
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          silu_and_mul_row_f32(reinterpret_cast<const float*>(g), reinterpret_cast<const float*>(u),
+                               reinterpret_cast<float*>(o), I);
+          continue;
+        }
+#endif
         for (int64_t i = 0; i < I; ++i) {
           const float gv = f32(g[i]);
           o[i] = static_cast<scalar_t>(gv / (1.f + std::exp(-gv)) * f32(u[i]));

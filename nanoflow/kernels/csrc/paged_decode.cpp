@@ -9,16 +9,11 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define NANOFLOW_AVX512BF16 1
-#endif
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define NANOFLOW_AVX2 1
-#endif
+#include "vec.h"
 
 namespace {
+
+using namespace nanoflow_vec;
 
 struct DecodeArgs {  // one work item: a request's kv heads [kvh, kvh + the item's head count)
   int64_t len, bs, hkv, kvh, G, D;
@@ -44,22 +39,6 @@ void softmax_rows(float* s, int64_t rows, int64_t len) {
 }
 
 #ifdef NANOFLOW_AVX512BF16
-// exp for x <= 0 (softmax after subtracting the max): 2^n * p(r), |r| <= ln2/2, degree-6 polynomial
-// (relative error ~2e-7, far below bf16's 4e-3). std::exp does not vectorize and dominated the kernel.
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147181f), x);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
 void softmax_rows_avx512(float* s, int64_t rows, int64_t len) {
   for (int64_t g = 0; g < rows; ++g) {
     float* sg = s + g * len;
@@ -72,14 +51,14 @@ void softmax_rows_avx512(float* s, int64_t rows, int64_t len) {
     __m512 vs = _mm512_setzero_ps();
     for (t = 0; t < len; t += 16) {
       const __mmask16 k = len - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (len - t)) - 1);
-      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sg + t), mv));
-      _mm512_mask_storeu_ps(sg + t, k, e);
+      const __m512 e = exp_ps(_mm512_sub_ps(load_ps(sg + t, k), mv));
+      store_ps(sg + t, e, k);
       vs = _mm512_add_ps(vs, _mm512_maskz_mov_ps(k, e));
     }
     const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(vs));
     for (t = 0; t < len; t += 16) {
       const __mmask16 k = len - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (len - t)) - 1);
-      _mm512_mask_storeu_ps(sg + t, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sg + t), inv));
+      store_ps(sg + t, _mm512_mul_ps(load_ps(sg + t, k), inv), k);
     }
   }
 }
@@ -172,8 +151,7 @@ void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, cons
   for (int64_t r = 0; r < nkv * G; ++r)
     for (int64_t t = 0; t < len; t += 16) {
       const __mmask16 k = len - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (len - t)) - 1);
-      const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, sc + r * len + t));
-      _mm256_mask_storeu_epi16(pb + r * len + t, k, h);
+      store_bf16(pb + r * len + t, load_ps(sc + r * len + t, k), k);
     }
   accbuf.assign(nkv * G * NV * 16, 0.f);
   for (int64_t t0 = 0, blk = 0; t0 < len; t0 += a.bs, ++blk) {
@@ -250,7 +228,7 @@ void decode_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFl
               for (int j = 0; j < NB; ++j)
                 acc[s] = _mm512_dpbf16_ps(acc[s], qv[j], (__m512bh)_mm512_loadu_si512(k0 + s * row_stride + j * 32));
           }
-          _mm512_mask_storeu_ps(sc + (h * G + g) * len + t0 + s0, valid, _mm512_mul_ps(reduce16(acc), scale));
+          store_ps(sc + (h * G + g) * len + t0 + s0, _mm512_mul_ps(reduce16(acc), scale), valid);
         }
       }
     }
@@ -280,22 +258,6 @@ bool decode_bf16_g(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::B
 #ifdef NANOFLOW_AVX2
 // float32 on AVX2+FMA (CPUs without AVX-512, where auto dtype picks float32). The portable loop ran at
 // ~3 GB/s, mostly in scalar expf; this one streams K and V once per (request, kv head) near DRAM speed.
-inline __m256 exp256_ps(__m256 x) {  // x <= 0 (scores minus their max); degree-6 polynomial of 2^frac
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147181f), x);
-  __m256 p = _mm256_set1_ps(1.f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));  // p * 2^n
-}
-
 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
