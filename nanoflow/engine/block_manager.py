@@ -3,15 +3,23 @@
 Prefix caching (vLLM-style): a *full* block whose tokens are known and whose KV is computed gets a hash from
 the chain ``hash(parent_hash, block_tokens, salt)``; ``hash -> block`` lets a new request reuse it. Blocks are
 shared by reference count. A freed block that has a hash stays cached (ref count 0) in an LRU of evictable
-blocks and is only reused for new data when the free list is empty (then its hash is dropped).
+blocks and is only reused for new data when no free block is left (then its hash is dropped).
+
+Free blocks are handed out so that a request's blocks lie next to each other: a growing request takes the block
+after its last one when that is free, and a new request starts after the previous one plus room to grow (next
+fit over the pool, wrapping around). Decode attention on a CPU then reads each request's KV as long runs: random
+6 KiB pages read at ~15 GB/s on 2 cores, 48 KiB runs at ~32 GB/s.
 """
 from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 from nanoflow.engine.request import Request
+
+
+MAX_GROWTH_ROOM = 64  # blocks left free after a new request for it to grow into (runs longer than that gain little)
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
@@ -35,7 +43,9 @@ class BlockManager:
         # The chain's root: anything else that changes the KV (model, dtype, block size) goes in the salt.
         self.root_hash = hashlib.blake2b(b"nanoflow-kv\0" + salt, digest_size=16).digest()
         self.ref_counts = [0] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))  # ref 0, no hash
+        self._free = bytearray(b"\x01") * num_blocks  # 1: ref 0 and no hash
+        self._num_free = num_blocks
+        self._cursor = 0  # next fit: where the next new request's blocks start looking
         self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0, hashed; first = least recently used
         self._hash_of: dict[int, bytes] = {}  # block -> hash, for cached blocks
         self._cached: dict[bytes, int] = {}  # hash -> block
@@ -43,7 +53,7 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         """Blocks available for new data (free + evictable cached ones)."""
-        return len(self._free) + len(self._evictable)
+        return self._num_free + len(self._evictable)
 
     @property
     def num_cached_blocks(self) -> int:
@@ -62,15 +72,35 @@ class BlockManager:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     # ---- allocation ----
-    def _allocate(self) -> int:
-        if self._free:
-            block = self._free.popleft()
-        else:  # reuse the least recently used cached block: its content (and hash) is dropped
+    def _allocate(self, prefer: int = -1) -> int:
+        """A block for new data: `prefer` if it is free, else the next free one from the cursor, else the least
+        recently used cached block (its content and hash are dropped)."""
+        if 0 <= prefer < self.num_blocks and self._free[prefer]:
+            block = prefer
+        elif self._num_free:
+            block = self._free.find(1, self._cursor)
+            if block < 0:
+                block = self._free.find(1)
+            self._cursor = block + 1
+        else:
             block, _ = self._evictable.popitem(last=False)
             del self._cached[self._hash_of.pop(block)]
+        if self._free[block]:
+            self._free[block] = 0
+            self._num_free -= 1
         assert self.ref_counts[block] == 0, f"block {block} handed out while still referenced"
         self.ref_counts[block] = 1
         return block
+
+    def _append_blocks(self, req: Request, n: int, admitting: bool) -> None:
+        """`n` fresh blocks at the end of req.block_table, each preferring the one after the last. A request
+        being admitted leaves room after its blocks to grow into (up to its max_tokens, at most MAX_GROWTH_ROOM
+        blocks): the next request starts after that."""
+        for _ in range(n):
+            req.block_table.append(self._allocate(req.block_table[-1] + 1 if req.block_table else -1))
+        if admitting and n:
+            room = blocks_needed(req.max_total_tokens, self.block_size) - len(req.block_table)
+            self._cursor = req.block_table[-1] + 1 + min(max(room, 0), MAX_GROWTH_ROOM)
 
     def add_ref(self, block: int) -> None:
         """Another owner takes a reference (prefix hit or an offload in flight); revives an evictable block."""
@@ -85,7 +115,8 @@ class BlockManager:
             if block in self._hash_of:
                 self._evictable[block] = None  # most recently used end
             else:
-                self._free.append(block)
+                self._free[block] = 1
+                self._num_free += 1
 
     def blocks_to_grow(self, req: Request, num_new_tokens: int) -> int:
         total = req.num_computed_tokens + num_new_tokens
@@ -96,8 +127,7 @@ class BlockManager:
         need = self.blocks_to_grow(req, num_new_tokens)
         if need > self.num_free_blocks:
             return False
-        for _ in range(need):
-            req.block_table.append(self._allocate())
+        self._append_blocks(req, need, admitting=not req.block_table)
         return True
 
     def free(self, req: Request) -> None:
@@ -154,8 +184,7 @@ class BlockManager:
             self.add_ref(b)
         req.block_table = list(hits)
         req.num_cached_blocks = len(hits)
-        for _ in range(need):
-            req.block_table.append(self._allocate())
+        self._append_blocks(req, need, admitting=True)
         return True
 
     def cache_full_blocks(self, req: Request) -> None:
@@ -182,15 +211,16 @@ class BlockManager:
         while self._evictable:
             block, _ = self._evictable.popitem(last=False)
             del self._cached[self._hash_of.pop(block)]
-            self._free.append(block)
+            self._free[block] = 1
+            self._num_free += 1
         return n
 
     def cached_hash(self, block: int) -> bytes | None:
         return self._hash_of.get(block)
 
     def check_invariants(self) -> None:
-        free, evictable = set(self._free), set(self._evictable)
-        assert len(free) == len(self._free), "a block is on the free list twice"
+        free, evictable = {b for b, f in enumerate(self._free) if f}, set(self._evictable)
+        assert len(free) == self._num_free, "free count out of sync"
         assert not free & evictable, "a block is both free and evictable"
         for b, rc in enumerate(self.ref_counts):
             assert rc >= 0, f"block {b}: negative ref count {rc}"
