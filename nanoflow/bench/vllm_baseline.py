@@ -120,7 +120,8 @@ def run_vllm(model_dir: str, requests: list[BenchRequest], dtype, budgets: Seque
     """vLLM's best throughput over ``budgets`` (max_num_batched_tokens) on ``requests``, as a row with the shared
     metric keys; a row with only ``system`` and ``note`` (why) when vLLM cannot run. Never raises for vLLM's
     own failures. ``dtype`` is our engine's (torch dtype or name), so both run the same precision."""
-    venv = Path(venv) if venv is not None else default_venv()
+    # Absolute: the runner starts in another working directory.
+    venv = Path(venv).resolve() if venv is not None else default_venv()
     if why := missing_venv(venv):
         return failure_row(why, dtype)
     python = venv / "bin" / "python"
