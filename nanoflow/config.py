@@ -73,6 +73,7 @@ class EngineConfig:
     packed_gemm: bool = True  # oneDNN prepacked weights for bf16 GEMMs on a CPU (layers.packed_gemm_supported)
     batch_invariant: bool = False  # greedy output independent of batch-mates (kernels/batch_invariant.py; CPU)
     paged_prefill: bool = True  # CPU: prefill attention of short contexts through the paged C++ kernel, one call
+    packed_k_cache: bool = True  # CPU bf16: K pages laid out for the C++ kernel's dot products (attention.py)
     # Schedule step i+1 while step i runs on the device. None: on with a GPU, off on a CPU, where the step's
     # own threads are the device: a scheduling thread beside them cost 1.22x (ShareGPT 512+512 x 64, 2 cores).
     async_scheduling: bool | None = None
@@ -163,6 +164,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-paged-prefill", dest="paged_prefill", action="store_false",
                    help="CPU: prefill attention with SDPA per chunk instead of the paged C++ kernel, one call per "
                         "step, for contexts up to 1024 tokens (ablation)")
+    g.add_argument("--no-packed-k-cache", dest="packed_k_cache", action="store_false",
+                   help="CPU bf16: K pages in the same [slot, head, dim] layout as V instead of packed for the "
+                        "C++ attention kernel's dot products (ablation)")
     g.add_argument("--batch-invariant", action="store_true",
                    help="every reduction in a fixed order, so a request's logits (and greedy tokens) do not depend "
                         "on its batch-mates, the executor or prompt chunking (CPU; costs throughput)")

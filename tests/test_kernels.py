@@ -32,6 +32,48 @@ def test_paged_decode_matches_torch(dtype, hq, hkv, d, b, bs):
     torch.testing.assert_close(got.float(), want, **TOL[dtype])
 
 
+def _pack_k(k_pages: torch.Tensor) -> torch.Tensor:
+    """K pages [nb, bs, H, D] laid out packed ([H, D / 2, bs, 2] per block) in the same shape."""
+    nb, bs, h, d = k_pages.shape
+    return k_pages.view(nb, bs, h, d // 2, 2).permute(0, 2, 3, 1, 4).contiguous().view(nb, bs, h, d)
+
+
+@pytest.mark.skipif(ext is None or not ext.packed_k_supported(64, 16, 3), reason="no AVX512-BF16 build")
+@pytest.mark.parametrize("hq, hkv, d", [(9, 3, 64), (8, 2, 128), (4, 4, 64)])
+@pytest.mark.parametrize("b, bs", [(6, 16), (40, 16), (40, 32)])
+def test_paged_decode_packed_k_matches_torch(hq, hkv, d, b, bs):
+    gen = torch.Generator().manual_seed(5)
+    nb = 1024 // bs * b // 4
+    cache = _paged_cache(nb, bs, hkv, d, torch.bfloat16, gen)
+    cache[0] = _pack_k(cache[0])
+    lens = torch.tensor([1, 15, 16, 17, 100, 200] * (b // 6) + [33, 200, 199, 64][: b % 6])
+    width = -(-int(lens.max()) // bs)
+    tables = torch.randperm(nb, generator=gen)[: b * width].view(b, width)
+    q = torch.randn(b, hq, d, generator=gen).to(torch.bfloat16)
+    got = ext.paged_decode(q, cache[0], cache[1], tables, lens, d ** -0.5, True)
+    want = decode_attention_torch(q.float(), cache.float(), tables, lens, int(lens.max()), d ** -0.5, k_packed=True)
+    torch.testing.assert_close(got.float(), want, **TOL[torch.bfloat16])
+
+
+def test_write_kv_packed_round_trip():
+    """Packed K written by the C++ kernel and by the torch path are the same bytes, and read back as the rows."""
+    from nanoflow.kernels.attention import _gather, write_kv
+    gen = torch.Generator().manual_seed(6)
+    nb, bs, h, d = 12, 16, 3, 64
+    qkv = torch.randn(40, 5 * h * d, generator=gen).bfloat16()  # k and v: strided views of a fused output
+    k, v = qkv[:, 3 * h * d:4 * h * d].view(40, h, d), qkv[:, 4 * h * d:].view(40, h, d)
+    slots = torch.randperm(nb * bs, generator=gen)[:40]
+    rows, packed, packed_torch = (torch.zeros(2, nb, bs, h, d, dtype=torch.bfloat16) for _ in range(3))
+    write_kv(rows, k, v, slots)
+    write_kv(packed, k, v, slots, k_packed=True)
+    with cpu_ext.switched(False):
+        write_kv(packed_torch, k, v, slots, k_packed=True)
+    assert torch.equal(packed, packed_torch) and torch.equal(packed[1], rows[1])
+    assert torch.equal(packed[0], _pack_k(rows[0]))
+    table = torch.arange(nb)[None]
+    assert torch.equal(_gather(packed[0], table, nb * bs, packed=True), _gather(rows[0], table, nb * bs))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden", [576, 100])  # 100: a partial last vector
 def test_fused_add_rms_norm_matches_torch(dtype, hidden):

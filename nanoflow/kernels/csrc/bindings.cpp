@@ -2,20 +2,26 @@
 #include <torch/extension.h>
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                           torch::Tensor block_tables, torch::Tensor lens, double scale);
+                           torch::Tensor block_tables, torch::Tensor lens, double scale, bool k_packed);
+bool packed_k_supported(int64_t head_dim, int64_t block_size, int64_t group);
 void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
 torch::Tensor silu_and_mul(torch::Tensor gate_up);
 void rope_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin, int64_t num_heads,
                   int64_t head_dim);
 torch::Tensor argmax_rows(torch::Tensor logits);
+void write_k_packed(torch::Tensor k_cache, torch::Tensor k, torch::Tensor slot_mapping);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while a kernel runs (tensors only, no Python objects): with async scheduling the
   // engine thread schedules the next step meanwhile.
   using nogil = py::call_guard<py::gil_scoped_release>;
-  m.def("paged_decode", &paged_decode, "paged decode attention", nogil());
+  m.def("paged_decode", &paged_decode, "paged decode attention", py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("block_tables"), py::arg("lens"), py::arg("scale"), py::arg("k_packed") = false,
+        nogil());
+  m.def("packed_k_supported", &packed_k_supported, "whether paged_decode takes packed K pages of this shape");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual) * w (in place)", nogil());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", nogil());
+  m.def("write_k_packed", &write_k_packed, "K rows into packed K pages", nogil());
   m.def("argmax_rows", &argmax_rows, "row-wise argmax (first maximum)", nogil());
   m.def("rope_inplace", &rope_inplace, "rotate-half RoPE in place on q and k heads", nogil());
 }

@@ -21,7 +21,13 @@ struct DecodeArgs {  // one work item: a request's kv heads [kvh, kvh + the item
   float scale;
   const int64_t* next_table = nullptr;  // the thread's next request (its K pages are prefetched during this V pass)
   int64_t next_len = 0;
+  bool k_packed = false;  // the K pages' layout (below)
 };
+
+// K pages come in one of two layouts. Rows: [block, slot, kv head, d], like V. Packed (bf16 only): [block, kv
+// head, d / 2, slot, 2]: for a kv head and a pair of dims, the slots' pairs lie side by side, so a vector of 16
+// slots' pairs is one dot-product operand against the query's pair broadcast, and a page's 16 scores come out
+// of the dot products directly (no horizontal reduction).
 
 inline float to_f32(float x) { return x; }
 inline float to_f32(c10::BFloat16 x) { return static_cast<float>(x); }
@@ -201,12 +207,10 @@ void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, cons
 // Scores: 16 rows of a page at a time per query head (dot products with vdpbf16ps, one reduce16 per 16 rows).
 // Output: per page and kv head, each V row is loaded once for the G query heads, the accumulators in registers.
 template <int NV, int G>
-void decode_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a,
-                 int64_t nkv, c10::BFloat16* out, std::vector<float>& scores, std::vector<float>& accbuf) {
+void scores_rows_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a,
+                      int64_t nkv, float* sc) {
   constexpr int NB = NV / 2;  // 32-wide bf16 vectors per row
   const int64_t len = a.len, row_stride = a.hkv * a.D;
-  scores.resize(nkv * G * len);
-  float* sc = scores.data();
   const __m512 scale = _mm512_set1_ps(a.scale);
   for (int64_t t0 = 0, blk = 0; t0 < len; t0 += a.bs, ++blk) {
     prefetch_page(vc, a.table, len, a, blk, nkv);
@@ -233,6 +237,54 @@ void decode_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFl
       }
     }
   }
+}
+
+// Scores against packed K pages (a.bs a multiple of 16): per 16 slots, G accumulators in two chains each.
+template <int NV, int G>
+void scores_packed_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a,
+                        int64_t nkv, float* sc) {
+  constexpr int NP = NV * 8;  // pairs of dims per head
+  const int64_t len = a.len, bs = a.bs;
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  const int32_t* qpairs = reinterpret_cast<const int32_t*>(q);
+  for (int64_t t0 = 0, blk = 0; t0 < len; t0 += bs, ++blk) {
+    prefetch_page(vc, a.table, len, a, blk, nkv);
+    const int64_t n_page = std::min(bs, len - t0);
+    for (int64_t h = 0; h < nkv; ++h) {
+      const c10::BFloat16* page = kc + (a.table[blk] * a.hkv + a.kvh + h) * (NP * 2) * bs;
+      const int32_t* qh = qpairs + h * G * NP;
+      for (int64_t s0 = 0; s0 < n_page; s0 += 16) {
+        const c10::BFloat16* k0 = page + s0 * 2;
+        __m512 acc[G][2];
+        for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm512_setzero_ps();
+        for (int j = 0; j < NP; j += 2) {
+          const __m512bh ka = (__m512bh)_mm512_loadu_si512(k0 + j * bs * 2);
+          const __m512bh kb = (__m512bh)_mm512_loadu_si512(k0 + (j + 1) * bs * 2);
+          for (int g = 0; g < G; ++g) {
+            acc[g][0] = _mm512_dpbf16_ps(acc[g][0], (__m512bh)_mm512_set1_epi32(qh[g * NP + j]), ka);
+            acc[g][1] = _mm512_dpbf16_ps(acc[g][1], (__m512bh)_mm512_set1_epi32(qh[g * NP + j + 1]), kb);
+          }
+        }
+        const __mmask16 valid = tail_mask(n_page - s0);
+        for (int g = 0; g < G; ++g)
+          store_ps(sc + (h * G + g) * len + t0 + s0, _mm512_mul_ps(_mm512_add_ps(acc[g][0], acc[g][1]), scale), valid);
+      }
+    }
+  }
+}
+
+// NV = head_dim / 16 float32 vectors per row (4 for D=64, 8 for D=128); G = query heads per kv head; the item
+// covers kv heads [a.kvh, a.kvh + nkv) of one request (all of them when there are enough requests: each K/V row
+// of a page is then read whole and in order, which streams at DRAM speed; one head's slice of a row does not).
+// Output: per page and kv head, each V row is loaded once for the G query heads, the accumulators in registers.
+template <int NV, int G>
+void decode_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a,
+                 int64_t nkv, c10::BFloat16* out, std::vector<float>& scores, std::vector<float>& accbuf) {
+  const int64_t len = a.len;
+  scores.resize(nkv * G * len);
+  float* sc = scores.data();
+  if (a.k_packed) scores_packed_bf16<NV, G>(q, kc, vc, a, nkv, sc);
+  else scores_rows_bf16<NV, G>(q, kc, vc, a, nkv, sc);
   softmax_rows_avx512(sc, nkv * G, len);
   weighted_values_bf16<NV, G>(kc, vc, a, nkv, sc, out, accbuf);
 }
@@ -343,8 +395,16 @@ void decode_item(const T* q, const T* kc, const T* vc, DecodeArgs a, int64_t nkv
 }  // namespace
 
 // q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, W]; lens [B].
+bool packed_k_supported(int64_t head_dim, int64_t block_size, int64_t group) {
+#ifdef NANOFLOW_AVX512BF16
+  return (head_dim == 64 || head_dim == 128) && block_size % 16 == 0 && group >= 1 && group <= 8;
+#else
+  return false;
+#endif
+}
+
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                           torch::Tensor block_tables, torch::Tensor lens, double scale) {
+                           torch::Tensor block_tables, torch::Tensor lens, double scale, bool k_packed) {
   q = q.contiguous();
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
   auto bt = block_tables.to(torch::kLong).contiguous();
@@ -353,6 +413,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   const int64_t bs = k_cache.size(1), hkv = k_cache.size(2), W = bt.size(1), G = Hq / hkv;
   // A work item is a request (all its kv heads: whole K/V rows, streamed in order) when there are enough
   // requests to keep every thread busy, else one (request, kv head).
+  TORCH_CHECK(!k_packed || (q.scalar_type() == at::kBFloat16 && packed_k_supported(D, bs, G)),
+              "packed K pages need bf16, head_dim 64/128, a block size multiple of 16 and an AVX512-BF16 build");
   const int64_t nkv = B >= 4 * at::get_num_threads() ? hkv : 1, per_req = hkv / nkv;
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
@@ -367,6 +429,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / per_req, h = (i % per_req) * nkv;
         DecodeArgs a{lp[b], bs, hkv, h, G, D, btp + b * W, static_cast<float>(scale)};
+        a.k_packed = k_packed;
         if (i + 1 < end) {  // (the same kv heads of the next request: nkv == hkv whenever i + 1 is another request)
           a.next_table = btp + ((i + 1) / per_req) * W;
           a.next_len = nkv == hkv ? lp[(i + 1) / per_req] : 0;
