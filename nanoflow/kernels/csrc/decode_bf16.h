@@ -1,0 +1,230 @@
+// The AVX512-BF16 path of paged decode attention (paged_decode.cpp): bf16, head_dim 64 or 128, GQA ratio 1-8.
+// Dot products with vdpbf16ps, whose bf16 products are exact in float32; K pages in rows or packed.
+#pragma once
+#include <vector>
+#include "decode_common.h"
+
+#ifdef NANOFLOW_AVX512BF16
+namespace nanoflow_decode {
+using namespace nanoflow_vec;
+
+inline void softmax_rows_avx512(float* s, int64_t rows, int64_t len) {
+  for (int64_t g = 0; g < rows; ++g) {
+    float* sg = s + g * len;
+    __m512 vm = _mm512_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 16 <= len; t += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(sg + t));
+    float m = _mm512_reduce_max_ps(vm);
+    for (; t < len; ++t) m = std::max(m, sg[t]);
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 vs = _mm512_setzero_ps();
+    for (t = 0; t < len; t += 16) {
+      const __mmask16 k = len - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (len - t)) - 1);
+      const __m512 e = exp_ps(_mm512_sub_ps(load_ps(sg + t, k), mv));
+      store_ps(sg + t, e, k);
+      vs = _mm512_add_ps(vs, _mm512_maskz_mov_ps(k, e));
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(vs));
+    for (t = 0; t < len; t += 16) {
+      const __mmask16 k = len - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (len - t)) - 1);
+      store_ps(sg + t, _mm512_mul_ps(load_ps(sg + t, k), inv), k);
+    }
+  }
+}
+
+inline __m512 bf16x16_to_f32(const void* p) {
+  __m256i h = _mm256_loadu_si256(static_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Sums of 16 vectors at once: lane i of the result is the sum of v[i]'s lanes. A transpose-and-add tree
+// (45 shuffles/adds for 16 rows) instead of 16 horizontal reductions (~8 dependent ops each).
+inline __m512 reduce16(__m512* v) {
+  __m512 s2[8], s4[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit chunk: (v[2i] pairs, v[2i+1] pairs)
+    s2[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per 128-bit chunk: partial sums of v[4i..4i+3]
+    s4[i] = _mm512_add_ps(_mm512_shuffle_ps(s2[2 * i], s2[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                          _mm512_shuffle_ps(s2[2 * i], s2[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 g1 = _mm512_add_ps(_mm512_shuffle_f32x4(s4[0], s4[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(s4[0], s4[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 g2 = _mm512_add_ps(_mm512_shuffle_f32x4(s4[2], s4[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(s4[2], s4[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(g1, g2, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(g1, g2, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Prefetch into L2 the rows of page `blk` that this work item reads (its kv heads of every row). Each pass
+// prefetches the pages the next pass reads (the K pass this request's V pages, the V pass the next request's K
+// pages), a page per page processed: a whole pass of lead hides the latency of the random page walk.
+inline void prefetch_page(const c10::BFloat16* cache, const int64_t* table, int64_t len, const DecodeArgs& a,
+                          int64_t blk, int64_t nkv) {
+  if (table == nullptr || blk * a.bs >= len) return;
+  const char* p = reinterpret_cast<const char*>(cache + (table[blk] * a.bs * a.hkv + a.kvh) * a.D);
+  const int64_t row_bytes = nkv * a.D * 2, stride = a.hkv * a.D * 2;
+  for (int64_t s = 0; s < std::min(a.bs, len - blk * a.bs); ++s, p += stride)
+    for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
+}
+
+// out = P V for kv heads [a.kvh, a.kvh + nkv): two V rows at a time, interleaved (vpunpck{l,h}wd) into bf16
+// pairs, each multiplied by the pair (p_t, p_t+1) with vdpbf16ps: half the instructions of converting every V
+// row to float32 and one FMA per row. The probabilities are rounded to bf16 (relative error 2^-9, below the
+// bf16 output's own 2^-8); products and sums stay float32. The accumulators hold d in the interleaved order
+// (lane 4l + j of acc[2m + h] is d = 32m + 8l + 4h + j), undone once at the end.
+template <int NV, int G>
+void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a, int64_t nkv,
+                          float* sc, c10::BFloat16* out, std::vector<float>& accbuf) {
+  constexpr int NB = NV / 2;  // 32-wide bf16 vectors per row; 2 * NB interleaved vectors per row pair
+  const int64_t len = a.len, row_stride = a.hkv * a.D;
+  // Probabilities as bf16, in place over the float32 scores (row r at r * len, 2 bytes each).
+  uint16_t* pb = reinterpret_cast<uint16_t*>(sc);
+  for (int64_t r = 0; r < nkv * G; ++r)
+    for (int64_t t = 0; t < len; t += 16) {
+      const __mmask16 k = len - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (len - t)) - 1);
+      store_bf16(pb + r * len + t, load_ps(sc + r * len + t, k), k);
+    }
+  accbuf.assign(nkv * G * NV * 16, 0.f);
+  for (int64_t t0 = 0, blk = 0; t0 < len; t0 += a.bs, ++blk) {
+    prefetch_page(kc, a.next_table, a.next_len, a, blk, nkv);
+    const int64_t n_page = std::min(a.bs, len - t0);
+    for (int64_t h = 0; h < nkv; ++h) {
+      const c10::BFloat16* v0 = vc + (a.table[blk] * a.bs * a.hkv + a.kvh + h) * a.D;
+      float* ah = accbuf.data() + h * G * NV * 16;
+      const uint16_t* ph = pb + h * G * len + t0;
+      __m512 acc[G][NV];
+      for (int g = 0; g < G; ++g)
+        for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_loadu_ps(ah + (g * NV + j) * 16);
+      for (int64_t s = 0; s < n_page; s += 2) {
+        const bool pair = s + 1 < n_page;
+        __m512i iv[NV];
+        for (int m = 0; m < NB; ++m) {
+          const __m512i r = _mm512_loadu_si512(v0 + s * row_stride + m * 32);
+          const __m512i q = pair ? _mm512_loadu_si512(v0 + (s + 1) * row_stride + m * 32) : _mm512_setzero_si512();
+          iv[2 * m] = _mm512_unpacklo_epi16(r, q);
+          iv[2 * m + 1] = _mm512_unpackhi_epi16(r, q);
+        }
+        for (int g = 0; g < G; ++g) {
+          uint32_t pp = ph[g * len + s];
+          if (pair) pp |= static_cast<uint32_t>(ph[g * len + s + 1]) << 16;
+          const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp));
+          for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_dpbf16_ps(acc[g][j], p, (__m512bh)iv[j]);
+        }
+      }
+      for (int g = 0; g < G; ++g)
+        for (int j = 0; j < NV; ++j) _mm512_storeu_ps(ah + (g * NV + j) * 16, acc[g][j]);
+    }
+  }
+  // Undo the interleaving, round to bf16 (nearest even, as torch does).
+  for (int64_t r = 0; r < nkv * G; ++r) {
+    const float* ar = accbuf.data() + r * NV * 16;
+    for (int j = 0; j < NV; ++j)
+      for (int lane = 0; lane < 16; ++lane) {
+        const int d = 32 * (j / 2) + 8 * (lane / 4) + 4 * (j % 2) + lane % 4;
+        out[r * NV * 16 + d] = c10::BFloat16(ar[j * 16 + lane]);
+      }
+  }
+}
+
+// Scores against K pages in rows: 16 rows of a page at a time per query head (dot products with vdpbf16ps, one
+// reduce16 per 16 rows).
+template <int NV, int G>
+void scores_rows_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a,
+                      int64_t nkv, float* sc) {
+  constexpr int NB = NV / 2;  // 32-wide bf16 vectors per row
+  const int64_t len = a.len, row_stride = a.hkv * a.D;
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  for (int64_t t0 = 0, blk = 0; t0 < len; t0 += a.bs, ++blk) {
+    prefetch_page(vc, a.table, len, a, blk, nkv);
+    const int64_t n_page = std::min(a.bs, len - t0);
+    for (int64_t h = 0; h < nkv; ++h) {
+      const c10::BFloat16* page = kc + (a.table[blk] * a.bs * a.hkv + a.kvh + h) * a.D;
+      for (int64_t s0 = 0; s0 < n_page; s0 += 16) {
+        const int64_t n = std::min<int64_t>(16, n_page - s0);
+        const c10::BFloat16* k0 = page + s0 * row_stride;
+        const __mmask16 valid = n == 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+        for (int g = 0; g < G; ++g) {
+          const c10::BFloat16* qg = q + (h * G + g) * NV * 16;
+          __m512bh qv[NB];
+          for (int j = 0; j < NB; ++j) qv[j] = (__m512bh)_mm512_loadu_si512(qg + j * 32);
+          __m512 acc[16];
+          for (int s = 0; s < 16; ++s) {
+            acc[s] = _mm512_setzero_ps();
+            if (s < n)
+              for (int j = 0; j < NB; ++j)
+                acc[s] = _mm512_dpbf16_ps(acc[s], qv[j], (__m512bh)_mm512_loadu_si512(k0 + s * row_stride + j * 32));
+          }
+          store_ps(sc + (h * G + g) * len + t0 + s0, _mm512_mul_ps(reduce16(acc), scale), valid);
+        }
+      }
+    }
+  }
+}
+
+// Scores against packed K pages (a.bs a multiple of 16): per 16 slots, G accumulators in two chains each.
+template <int NV, int G>
+void scores_packed_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a,
+                        int64_t nkv, float* sc) {
+  constexpr int NP = NV * 8;  // pairs of dims per head
+  const int64_t len = a.len, bs = a.bs;
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  const int32_t* qpairs = reinterpret_cast<const int32_t*>(q);
+  for (int64_t t0 = 0, blk = 0; t0 < len; t0 += bs, ++blk) {
+    prefetch_page(vc, a.table, len, a, blk, nkv);
+    const int64_t n_page = std::min(bs, len - t0);
+    for (int64_t h = 0; h < nkv; ++h) {
+      const c10::BFloat16* page = kc + (a.table[blk] * a.hkv + a.kvh + h) * (NP * 2) * bs;
+      const int32_t* qh = qpairs + h * G * NP;
+      for (int64_t s0 = 0; s0 < n_page; s0 += 16) {
+        const c10::BFloat16* k0 = page + s0 * 2;
+        __m512 acc[G][2];
+        for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm512_setzero_ps();
+        for (int j = 0; j < NP; j += 2) {
+          const __m512bh ka = (__m512bh)_mm512_loadu_si512(k0 + j * bs * 2);
+          const __m512bh kb = (__m512bh)_mm512_loadu_si512(k0 + (j + 1) * bs * 2);
+          for (int g = 0; g < G; ++g) {
+            acc[g][0] = _mm512_dpbf16_ps(acc[g][0], (__m512bh)_mm512_set1_epi32(qh[g * NP + j]), ka);
+            acc[g][1] = _mm512_dpbf16_ps(acc[g][1], (__m512bh)_mm512_set1_epi32(qh[g * NP + j + 1]), kb);
+          }
+        }
+        const __mmask16 valid = tail_mask(n_page - s0);
+        for (int g = 0; g < G; ++g)
+          store_ps(sc + (h * G + g) * len + t0 + s0, _mm512_mul_ps(_mm512_add_ps(acc[g][0], acc[g][1]), scale), valid);
+      }
+    }
+  }
+}
+
+// NV = head_dim / 16 float32 vectors per row (4 for D=64, 8 for D=128); G = query heads per kv head; the item
+// covers kv heads [a.kvh, a.kvh + nkv) of one request (all of them when there are enough requests: each K/V row
+// of a page is then read whole and in order, which streams at DRAM speed; one head's slice of a row does not).
+// Output: per page and kv head, each V row is loaded once for the G query heads, the accumulators in registers.
+template <int NV, int G>
+void decode_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a,
+                 int64_t nkv, c10::BFloat16* out, std::vector<float>& scores, std::vector<float>& accbuf) {
+  const int64_t len = a.len;
+  scores.resize(nkv * G * len);
+  float* sc = scores.data();
+  if (a.k_packed) scores_packed_bf16<NV, G>(q, kc, vc, a, nkv, sc);
+  else scores_rows_bf16<NV, G>(q, kc, vc, a, nkv, sc);
+  softmax_rows_avx512(sc, nkv * G, len);
+  weighted_values_bf16<NV, G>(kc, vc, a, nkv, sc, out, accbuf);
+}
+
+template <int NV>
+bool decode_bf16_g(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a,
+                   int64_t nkv, c10::BFloat16* out, std::vector<float>& scores, std::vector<float>& acc) {
+  switch (a.G) {  // the GQA ratios of the supported model families
+    case 1: decode_bf16<NV, 1>(q, kc, vc, a, nkv, out, scores, acc); return true;
+    case 2: decode_bf16<NV, 2>(q, kc, vc, a, nkv, out, scores, acc); return true;
+    case 3: decode_bf16<NV, 3>(q, kc, vc, a, nkv, out, scores, acc); return true;
+    case 4: decode_bf16<NV, 4>(q, kc, vc, a, nkv, out, scores, acc); return true;
+    case 5: decode_bf16<NV, 5>(q, kc, vc, a, nkv, out, scores, acc); return true;
+    case 6: decode_bf16<NV, 6>(q, kc, vc, a, nkv, out, scores, acc); return true;
+    case 7: decode_bf16<NV, 7>(q, kc, vc, a, nkv, out, scores, acc); return true;
+    case 8: decode_bf16<NV, 8>(q, kc, vc, a, nkv, out, scores, acc); return true;
+    default: return false;
+  }
+}
+
+}  // namespace nanoflow_decode
+#endif

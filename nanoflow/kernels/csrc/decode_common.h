@@ -1,0 +1,54 @@
+// Shared by the paged decode attention paths (paged_decode.cpp): a work item's arguments, the page walk and
+// the portable softmax.
+#pragma once
+#include <torch/extension.h>
+#include <algorithm>
+#include <cmath>
+#include "vec.h"
+
+namespace nanoflow_decode {
+
+struct DecodeArgs {  // one work item: a request's kv heads [kvh, kvh + the item's head count)
+  int64_t len, bs, hkv, kvh, G, D;
+  const int64_t* table;
+  float scale;
+  const int64_t* next_table = nullptr;  // the thread's next request (its K pages are prefetched during this V pass)
+  int64_t next_len = 0;
+  bool k_packed = false;  // the K pages' layout (below)
+};
+
+// K pages come in one of two layouts. Rows: [block, slot, kv head, d], like V. Packed (bf16 only): [block, kv
+// head, d / 2, slot, 2]: for a kv head and a pair of dims, the slots' pairs lie side by side, so a vector of 16
+// slots' pairs is one dot-product operand against the query's pair broadcast, and a page's 16 scores come out
+// of the dot products directly (no horizontal reduction).
+
+inline float to_f32(float x) { return x; }
+inline float to_f32(c10::BFloat16 x) { return static_cast<float>(x); }
+inline float to_f32(c10::Half x) { return static_cast<float>(x); }
+
+inline void softmax_rows(float* s, int64_t rows, int64_t len) {
+  for (int64_t g = 0; g < rows; ++g) {
+    float* sg = s + g * len;
+    float m = -INFINITY, sum = 0.f;
+    for (int64_t t = 0; t < len; ++t) m = std::max(m, sg[t]);
+    for (int64_t t = 0; t < len; ++t) { sg[t] = std::exp(sg[t] - m); sum += sg[t]; }
+    const float inv = 1.f / sum;
+    for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+  }
+}
+
+
+// Calls f(t, row_offset) for every context token, walking the block table page by page (no
+// per-token division: a 64-bit divide per row costs more than the row's arithmetic).
+template <typename F>
+inline void for_each_row(const DecodeArgs& a, F f) {
+  const int64_t row_stride = a.hkv * a.D;
+  for (int64_t t0 = 0, blk = 0; t0 < a.len; t0 += a.bs, ++blk) {
+    int64_t off = (a.table[blk] * a.bs * a.hkv + a.kvh) * a.D;
+    const int64_t n = std::min(a.bs, a.len - t0);
+    for (int64_t s = 0; s < n; ++s, off += row_stride) f(t0 + s, off);
+  }
+}
+
+
+}  // namespace nanoflow_decode
