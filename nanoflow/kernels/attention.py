@@ -41,9 +41,10 @@ class AttentionMetadata:
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
              k_packed: bool = False) -> None:
     _, nb, bs, h, d = kv_cache.shape
-    if k_packed and (ext := cpu_ext.get()) is not None and k.stride(1) == d and k.stride(2) == 1:
-        ext.write_k_packed(kv_cache[0], k, slot_mapping)
-    elif k_packed:
+    if k_packed and (ext := cpu_ext.get()) is not None and all(x.stride()[1:] == (d, 1) for x in (k, v)):
+        ext.write_kv_packed(kv_cache, k, v, slot_mapping)
+        return
+    if k_packed:
         kv_cache[0].view(nb, h, d // 2, bs, 2)[slot_mapping // bs, :, :, slot_mapping % bs] = k.view(-1, h, d // 2, 2)
     else:
         kv_cache[0].view(nb * bs, h, d).index_copy_(0, slot_mapping, k)

@@ -9,7 +9,7 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up);
 void rope_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin, int64_t num_heads,
                   int64_t head_dim);
 torch::Tensor argmax_rows(torch::Tensor logits);
-void write_k_packed(torch::Tensor k_cache, torch::Tensor k, torch::Tensor slot_mapping);
+void write_kv_packed(torch::Tensor kv_cache, torch::Tensor k, torch::Tensor v, torch::Tensor slot_mapping);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while a kernel runs (tensors only, no Python objects): with async scheduling the
@@ -21,7 +21,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_k_supported", &packed_k_supported, "whether paged_decode takes packed K pages of this shape");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual) * w (in place)", nogil());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", nogil());
-  m.def("write_k_packed", &write_k_packed, "K rows into packed K pages", nogil());
+  m.def("write_kv_packed", &write_kv_packed, "K into packed K pages, V into rows", nogil());
   m.def("argmax_rows", &argmax_rows, "row-wise argmax (first maximum)", nogil());
   m.def("rope_inplace", &rope_inplace, "rotate-half RoPE in place on q and k heads", nogil());
 }

@@ -3,6 +3,7 @@
 // All compute in float32 and round once on store; rows are split over ATen's thread pool.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include "vec.h"
 
@@ -192,23 +193,29 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
   return out;
 }
 
-// k [T, H, D] (rows may be strided) into packed K pages (paged_decode.cpp): k_cache [nb, bs, H, D] holds each
-// block as [H, D / 2, bs, 2]; token t goes to slot slot_mapping[t]. Whole pairs of dims (4 bytes) at a time.
-void write_k_packed(torch::Tensor k_cache, torch::Tensor k, torch::Tensor slot_mapping) {
-  TORCH_CHECK(k_cache.is_contiguous() && k_cache.element_size() == 2 && k.element_size() == 2, "16-bit K");
-  TORCH_CHECK(k.dim() == 3 && k.stride(2) == 1 && k.stride(1) == k.size(2), "k must be [T, H, D], heads dense");
+// k, v [T, H, D] (rows may be strided, heads dense) into kv_cache [2, nb, bs, H, D] at slot_mapping: V as rows,
+// K into packed pages (each block as [H, D / 2, bs, 2]; paged_decode.cpp), whole pairs of dims (4 bytes) at a time.
+void write_kv_packed(torch::Tensor kv_cache, torch::Tensor k, torch::Tensor v, torch::Tensor slot_mapping) {
+  TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.element_size() == 2 && k.element_size() == 2 &&
+              v.element_size() == 2, "16-bit KV");
+  for (const auto& x : {k, v})
+    TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2), "k, v must be [T, H, D], heads dense");
   auto slots = slot_mapping.to(torch::kLong).contiguous();
-  const int64_t T = k.size(0), H = k.size(1), D = k.size(2), bs = k_cache.size(1), P = D / 2;
+  const int64_t T = k.size(0), H = k.size(1), D = k.size(2), nb = kv_cache.size(1), bs = kv_cache.size(2);
+  const int64_t P = D / 2, page = bs * H * P;  // a block's size, in pairs
   const int64_t* sp = slots.data_ptr<int64_t>();
-  const auto* src = reinterpret_cast<const uint32_t*>(k.data_ptr());
-  auto* dst = reinterpret_cast<uint32_t*>(k_cache.data_ptr());
-  const int64_t row = k.stride(0) / 2;  // in pairs
+  const auto* ks = reinterpret_cast<const uint32_t*>(k.data_ptr());
+  const auto* vs = reinterpret_cast<const uint32_t*>(v.data_ptr());
+  auto* kd = reinterpret_cast<uint32_t*>(kv_cache.data_ptr());
+  uint32_t* vd = kd + nb * page;
+  const int64_t k_row = k.stride(0) / 2, v_row = v.stride(0) / 2;  // in pairs
   at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t blk = sp[t] / bs, off = sp[t] % bs;
-      const uint32_t* s = src + t * row;
-      uint32_t* page = dst + blk * H * P * bs + off;
-      for (int64_t i = 0; i < H * P; ++i) page[i * bs] = s[i];
+      const uint32_t* kr = ks + t * k_row;
+      uint32_t* kp = kd + blk * page + off;
+      for (int64_t i = 0; i < H * P; ++i) kp[i * bs] = kr[i];
+      std::copy(vs + t * v_row, vs + t * v_row + H * P, vd + sp[t] * H * P);
     }
   });
 }
