@@ -78,6 +78,7 @@ class EngineConfig:
     # own threads are the device: a scheduling thread beside them cost 1.22x (ShareGPT 512+512 x 64, 2 cores).
     async_scheduling: bool | None = None
     prefix_caching: bool = True  # reuse cached full KV blocks across requests (off: --no-prefix-cache)
+    contiguous_kv_blocks: bool = True  # place a request's KV blocks next to each other (block_manager.py)
     host_kv_cache_gb: float = 0.0  # host-memory KV tier for finished requests' blocks (0: off)
     disk_kv_cache_gb: float = 0.0  # on-disk KV tier behind the host tier (0: off)
     kv_cache_dir: str | None = None  # directory of the disk tier (default env.cache_dir("kv"))
@@ -164,6 +165,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-paged-prefill", dest="paged_prefill", action="store_false",
                    help="CPU: prefill attention with SDPA per chunk instead of the paged C++ kernel, one call per "
                         "step, for contexts up to 1024 tokens (ablation)")
+    g.add_argument("--no-contiguous-kv-blocks", dest="contiguous_kv_blocks", action="store_false",
+                   help="hand out free KV blocks in pool order instead of placing a request's blocks next to each "
+                        "other (ablation: CPU decode attention reads them as scattered pages)")
     g.add_argument("--no-packed-k-cache", dest="packed_k_cache", action="store_false",
                    help="CPU bf16: K pages in the same [slot, head, dim] layout as V instead of packed for the "
                         "C++ attention kernel's dot products (ablation)")

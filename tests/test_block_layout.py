@@ -67,3 +67,13 @@ def test_every_free_block_stays_usable(ops):
         owned = [b for r in live for b in r.block_table]
         assert len(owned) == len(set(owned))
         bm.check_invariants()
+
+
+def test_ablation_switch_interleaves():
+    bm = BlockManager(num_blocks=64, block_size=4, contiguous=False)
+    a, b = _req(8, 8), _req(8, 8)
+    _admit(bm, a)
+    _admit(bm, b)
+    for r in (a, b):
+        assert bm.grow(r, 1)
+    assert a.block_table == [0, 1, 4] and b.block_table == [2, 3, 5]

@@ -34,7 +34,8 @@ def hash_block(parent: bytes, tokens: list[int]) -> bytes:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False, salt: bytes = b"") -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False, salt: bytes = b"",
+                 contiguous: bool = True) -> None:
         if num_blocks <= 0:
             raise ValueError("the KV cache needs at least one block")
         self.num_blocks = num_blocks
@@ -46,6 +47,7 @@ class BlockManager:
         self._free = bytearray(b"\x01") * num_blocks  # 1: ref 0 and no hash
         self._num_free = num_blocks
         self._cursor = 0  # next fit: where the next new request's blocks start looking
+        self.contiguous = contiguous  # off (ablation): blocks in pool order, interleaved across requests
         self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0, hashed; first = least recently used
         self._hash_of: dict[int, bytes] = {}  # block -> hash, for cached blocks
         self._cached: dict[bytes, int] = {}  # hash -> block
@@ -97,8 +99,9 @@ class BlockManager:
         being admitted leaves room after its blocks to grow into (up to its max_tokens, at most MAX_GROWTH_ROOM
         blocks): the next request starts after that."""
         for _ in range(n):
-            req.block_table.append(self._allocate(req.block_table[-1] + 1 if req.block_table else -1))
-        if admitting and n:
+            prefer = req.block_table[-1] + 1 if req.block_table and self.contiguous else -1
+            req.block_table.append(self._allocate(prefer))
+        if admitting and n and self.contiguous:
             room = blocks_needed(req.max_total_tokens, self.block_size) - len(req.block_table)
             self._cursor = req.block_table[-1] + 1 + min(max(room, 0), MAX_GROWTH_ROOM)
 

@@ -20,6 +20,7 @@ class SchedulerConfig:
     admission_control: bool = True
     prefix_caching: bool = False  # reuse cached full KV blocks (block_manager.py)
     cache_salt: bytes = b""  # what else changes the KV (model, dtype): part of every block hash
+    contiguous_kv_blocks: bool = True  # a request's blocks next to each other (block_manager.py)
 
     @classmethod
     def from_engine_config(cls, config, max_model_len: int, num_blocks: int, cache_salt: bytes) -> "SchedulerConfig":
@@ -27,7 +28,8 @@ class SchedulerConfig:
         size, KV salt)."""
         return cls(dense_batch=config.dense_batch, max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
                    block_size=config.block_size, num_blocks=num_blocks, admission_control=config.admission_control,
-                   prefix_caching=config.prefix_caching, cache_salt=cache_salt)
+                   prefix_caching=config.prefix_caching, cache_salt=cache_salt,
+                   contiguous_kv_blocks=config.contiguous_kv_blocks)
 
 
 @dataclass
@@ -91,7 +93,7 @@ class Scheduler:
                  kv_fence: Callable[[Request], None] | None = None) -> None:
         self.config = config
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.prefix_caching,
-                                          config.cache_salt)
+                                          config.cache_salt, config.contiguous_kv_blocks)
         self.kv_tiers = kv_tiers  # host/disk KV tiers (kv_tiers.KVTiers) or None
         self.num_prefix_hit_tokens = 0  # prompt tokens reused from device blocks
         self.num_tier_hit_tokens = 0  # prompt tokens reloaded from the host/disk tiers
