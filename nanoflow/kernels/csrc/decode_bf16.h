@@ -19,22 +19,17 @@ inline void softmax_rows_avx512(float* s, int64_t rows, int64_t len) {
     const __m512 mv = _mm512_set1_ps(m);
     __m512 vs = _mm512_setzero_ps();
     for (t = 0; t < len; t += 16) {
-      const __mmask16 k = len - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (len - t)) - 1);
+      const __mmask16 k = tail_mask(len - t);
       const __m512 e = exp_ps(_mm512_sub_ps(load_ps(sg + t, k), mv));
       store_ps(sg + t, e, k);
       vs = _mm512_add_ps(vs, _mm512_maskz_mov_ps(k, e));
     }
     const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(vs));
     for (t = 0; t < len; t += 16) {
-      const __mmask16 k = len - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (len - t)) - 1);
+      const __mmask16 k = tail_mask(len - t);
       store_ps(sg + t, _mm512_mul_ps(load_ps(sg + t, k), inv), k);
     }
   }
-}
-
-inline __m512 bf16x16_to_f32(const void* p) {
-  __m256i h = _mm256_loadu_si256(static_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 // Sums of 16 vectors at once: lane i of the result is the sum of v[i]'s lanes. A transpose-and-add tree
@@ -80,7 +75,7 @@ void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, cons
   uint16_t* pb = reinterpret_cast<uint16_t*>(sc);
   for (int64_t r = 0; r < nkv * G; ++r)
     for (int64_t t = 0; t < len; t += 16) {
-      const __mmask16 k = len - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (len - t)) - 1);
+      const __mmask16 k = tail_mask(len - t);
       store_bf16(pb + r * len + t, load_ps(sc + r * len + t, k), k);
     }
   accbuf.assign(nkv * G * NV * 16, 0.f);
@@ -141,7 +136,7 @@ void scores_rows_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10
       for (int64_t s0 = 0; s0 < n_page; s0 += 16) {
         const int64_t n = std::min<int64_t>(16, n_page - s0);
         const c10::BFloat16* k0 = page + s0 * row_stride;
-        const __mmask16 valid = n == 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+        const __mmask16 valid = tail_mask(n);
         for (int g = 0; g < G; ++g) {
           const c10::BFloat16* qg = q + (h * G + g) * NV * 16;
           __m512bh qv[NB];
