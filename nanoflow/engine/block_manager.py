@@ -94,6 +94,11 @@ class BlockManager:
         self.ref_counts[block] = 1
         return block
 
+    def _set_free(self, block: int) -> None:
+        """Back on the free map (ref 0, no hash), counted."""
+        self._free[block] = 1
+        self._num_free += 1
+
     def _append_blocks(self, req: Request, n: int, admitting: bool) -> None:
         """`n` fresh blocks at the end of req.block_table, each preferring the one after the last. A request
         being admitted leaves room after its blocks to grow into (up to its max_tokens, at most MAX_GROWTH_ROOM
@@ -118,8 +123,7 @@ class BlockManager:
             if block in self._hash_of:
                 self._evictable[block] = None  # most recently used end
             else:
-                self._free[block] = 1
-                self._num_free += 1
+                self._set_free(block)
 
     def blocks_to_grow(self, req: Request, num_new_tokens: int) -> int:
         total = req.num_computed_tokens + num_new_tokens
@@ -214,8 +218,7 @@ class BlockManager:
         while self._evictable:
             block, _ = self._evictable.popitem(last=False)
             del self._cached[self._hash_of.pop(block)]
-            self._free[block] = 1
-            self._num_free += 1
+            self._set_free(block)
         return n
 
     def cached_hash(self, block: int) -> bytes | None:
