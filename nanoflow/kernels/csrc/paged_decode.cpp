@@ -93,7 +93,19 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t* btp = bt.data_ptr<int64_t>();
     const int64_t* lp = ln.data_ptr<int64_t>();
-    at::parallel_for(0, B * per_req, 1, [&](int64_t begin, int64_t end) {
+    // Contiguous runs of items with equal work (context rows, plus a page's worth for the fixed cost), not equal
+    // counts: with mixed context lengths an equal split leaves one thread waiting on the other.
+    const int64_t items = B * per_req, parts = std::min<int64_t>(items, at::get_num_threads());
+    std::vector<int64_t> bounds(parts + 1, items);
+    bounds[0] = 0;
+    int64_t total = 0;
+    for (int64_t b = 0; b < B; ++b) total += (lp[b] + bs) * per_req;
+    for (int64_t i = 0, done = 0, p = 1; i < items && p < parts; ++i) {
+      done += lp[i / per_req] + bs;
+      if (done * parts >= total * p) bounds[p++] = i + 1;
+    }
+    at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+      const int64_t begin = bounds[part_begin], end = bounds[part_end];
       std::vector<float> scores, acc;
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / per_req, h = (i % per_req) * nkv;
