@@ -70,7 +70,8 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     cpp_kernels: bool = True  # C++ CPU kernels (decode attention, fused norm/rope/silu, argmax); off: pure torch
-    packed_gemm: bool = True  # oneDNN prepacked weights for bf16 GEMMs on a CPU (layers.packed_gemm_supported)
+    packed_gemm: bool = True  # prepacked weights for bf16 GEMMs on a CPU (layers.packed_gemm_supported)
+    cpp_gemm: bool = True  # those GEMMs in the C++ panel kernel (kernels/csrc/gemm_bf16.cpp); off: oneDNN's
     batch_invariant: bool = False  # greedy output independent of batch-mates (kernels/batch_invariant.py; CPU)
     paged_prefill: bool = True  # CPU: prefill attention of short contexts through the paged C++ kernel, one call
     packed_k_cache: bool = True  # CPU bf16: K pages laid out for the C++ kernel's dot products (attention.py)
@@ -161,7 +162,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cpp-kernels", dest="cpp_kernels", action="store_false",
                    help="pure-torch CPU path: no C++ kernels, one-GEMM LM head (ablation; also NANOFLOW_NO_CPP=1)")
     g.add_argument("--no-packed-gemm", dest="packed_gemm", action="store_false",
-                   help="F.linear instead of oneDNN prepacked weights for bf16 GEMMs on a CPU (ablation)")
+                   help="F.linear instead of prepacked weights for bf16 GEMMs on a CPU (ablation)")
+    g.add_argument("--no-cpp-gemm", dest="cpp_gemm", action="store_false",
+                   help="oneDNN instead of the C++ GEMM for prepacked bf16 weights on an AVX512-BF16 CPU (ablation: "
+                        "the C++ kernel is 1.1-1.4x oneDNN at decode batches of 1-128 rows)")
     g.add_argument("--no-paged-prefill", dest="paged_prefill", action="store_false",
                    help="CPU: prefill attention with SDPA per chunk instead of the paged C++ kernel, one call per "
                         "step, for contexts up to 1024 tokens (ablation)")

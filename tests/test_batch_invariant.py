@@ -88,8 +88,10 @@ def test_tiled_linear_rows_do_not_depend_on_rows_around_them():
 
 @pytest.mark.slow
 def test_without_the_mode_logits_depend_on_the_batch():
-    """The default bf16 path: the same requests alone and in a chunked, mixed batch get different logprobs
-    (GEMM blocking by M, SDPA over different chunks). Tokens may or may not flip (near-ties)."""
-    llm = LLM("default", dtype="bfloat16", dense_batch=DENSE)
+    """The bf16 path with oneDNN's GEMMs: the same requests alone and in a chunked, mixed batch get different
+    logprobs (oneDNN blocks by M). Tokens may or may not flip (near-ties). (The C++ panel GEMM, the default on
+    AVX512-BF16, keeps one K order per output whatever M, and this case no longer differs there: not a
+    guarantee, the mode is what guarantees it.)"""
+    llm = LLM("default", dtype="bfloat16", dense_batch=DENSE, cpp_gemm=False)
     alone, mixed = _alone(llm), _mixed(llm)
     assert any(a[1] != m[1] for a, m in zip(alone, mixed))

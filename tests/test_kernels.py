@@ -144,3 +144,42 @@ def test_packed_linear_equals_f_linear_bf16(m):
     packed = pack_weight(w, 256)
     assert torch.equal(packed_linear(x, packed), F.linear(x, w))
     assert torch.equal(packed_linear(x, packed, b), F.linear(x, w, b))
+
+
+_panels = pytest.mark.skipif(ext is None or not ext.gemm_bf16_supported(), reason="no AVX512-BF16 build here")
+
+
+@_panels
+@pytest.mark.parametrize("m, n, k", [(1, 960, 576), (5, 100, 64), (13, 576, 1536), (64, 3072, 576), (257, 130, 96)])
+def test_panel_gemm_matches_float32(m, n, k):
+    """The C++ panel GEMM: x W^T (+ b) within one bf16 rounding of the float32 product (products exact,
+    float32 sums), for every row-tile remainder (M mod 6), a last panel of fewer than 64 columns and
+    row blocks (M > 120); `out` writes into rows of a wider buffer."""
+    from nanoflow.models.layers import pack_weight, packed_linear
+    gen = torch.Generator().manual_seed(m)
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    b = torch.randn(n, generator=gen).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    packed = pack_weight(w, m, "panels")
+    assert packed.kind == "panels"
+    want = x.float() @ w.float().t() + b.float()
+    got = packed_linear(x, packed, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    torch.testing.assert_close(got.float(), want, atol=1e-3 * k ** 0.5, rtol=2 ** -8)
+    buf = torch.zeros(m + 3, n + 5, dtype=torch.bfloat16)
+    packed_linear(x, packed, b, out=buf[2:2 + m, 3:3 + n])
+    assert torch.equal(buf[2:2 + m, 3:3 + n], got) and buf[:2].abs().sum() == 0 and buf[:, :3].abs().sum() == 0
+
+
+@_panels
+def test_panel_gemm_rows_independent_of_batch():
+    """A row's result does not depend on how many rows share the call or where it sits (one K order per
+    output, whatever the tiling and thread split)."""
+    from nanoflow.models.layers import pack_weight, packed_linear
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(576, 576, generator=gen).to(torch.bfloat16)
+    x = torch.randn(200, 576, generator=gen).to(torch.bfloat16)
+    packed = pack_weight(w, 64, "panels")
+    full = packed_linear(x, packed)
+    for lo, hi in ((0, 1), (7, 20), (150, 200), (3, 130)):
+        assert torch.equal(packed_linear(x[lo:hi], packed), full[lo:hi])

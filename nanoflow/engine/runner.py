@@ -51,7 +51,7 @@ def kv_cache_blocks(cfg: ModelConfig, dtype: torch.dtype, block_size: int, memor
 def build_model_for(config, model_config: ModelConfig, tp_group=None):
     """The model as an engine with `config` runs it (this rank's shard under TP, joined to `tp_group`), on its
     device: C++ kernels loaded and GEMM weights prepacked where they apply."""
-    from nanoflow.models.layers import packed_gemm_supported
+    from nanoflow.models.layers import gemm_panels_supported, packed_gemm_supported
     from nanoflow.models.loader import build_model, parse_dtype, resolve_model
     dtype = parse_dtype(config.dtype)
     shard = tp_group.shard if tp_group is not None else None
@@ -62,7 +62,8 @@ def build_model_for(config, model_config: ModelConfig, tp_group=None):
         cpu_ext.get()  # build/load the C++ kernels now, not inside the first step (TP: before the ranks' barrier)
         model.paged_prefill = config.paged_prefill
     if config.packed_gemm and packed_gemm_supported(dtype, config.device) and _room_for_packed(model):
-        model.prepack_linears(config.dense_batch)
+        panels = config.cpp_kernels and config.cpp_gemm and gemm_panels_supported(dtype)
+        model.prepack_linears(config.dense_batch, "panels" if panels else "onednn")
     if config.batch_invariant:
         from nanoflow.kernels import batch_invariant
         batch_invariant.enable(model)

@@ -32,7 +32,7 @@ import torch
 
 from nanoflow.kernels import batch_invariant
 from nanoflow.kernels.attention import AttentionMetadata, attend_decode, attend_prefill, slice_metadata
-from nanoflow.models.layers import tiled_linear
+from nanoflow.models.layers import packed_linear, tiled_linear
 
 KINDS = ("compute", "memory", "network", "other")
 
@@ -114,6 +114,8 @@ def _linear_into(state: StepState, name: str, start: int, end: int, linear, x: t
         setattr(state, name, linear(x))
     elif linear.batch_invariant:
         tiled_linear(x, linear.weight, linear.bias, linear.packed, out=getattr(state, name)[start:end])
+    elif linear.packed is not None and linear.packed.kind == "panels":  # straight into the rows
+        packed_linear(x, linear.packed, linear.bias, out=getattr(state, name)[start:end])
     elif linear.bias is None:
         torch.mm(x, linear.weight.t(), out=getattr(state, name)[start:end])
     else:

@@ -92,7 +92,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class Linear(nn.Module):
     """y = x W^T (+ b); weights kept in the serving dtype, never trained. `packed` (set by `prepack_linears`)
-    is the same weight in oneDNN's blocked layout, used by forward; `weight` stays for the paths that write
+    is the same weight prepacked for a CPU GEMM (`PackedWeight`), used by forward; `weight` stays for the paths that write
     GEMM results into rows of a buffer (nano-batches) and for other devices. `batch_invariant` (set by
     `kernels.batch_invariant.enable`): every GEMM in fixed tiles of GEMM_TILE_ROWS rows (`tiled_linear`)."""
 
@@ -100,7 +100,7 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self.packed: torch.Tensor | None = None
+        self.packed: PackedWeight | None = None
         self.batch_invariant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,13 +120,50 @@ def packed_gemm_supported(dtype: torch.dtype, device: torch.device | str) -> boo
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def pack_weight(w: torch.Tensor, m_hint: int) -> torch.Tensor:
-    """`w` [N, K] in oneDNN's blocked layout for GEMMs of about `m_hint` rows (any M works)."""
-    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), m_hint)
+GEMM_KINDS = ("panels", "onednn")
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+@dataclass(frozen=True)
+class PackedWeight:
+    """A linear weight prepacked once for a CPU GEMM: "panels" for the C++ kernel (kernels/csrc/gemm_bf16.cpp:
+    64-column panels of bf16 pairs), "onednn" for oneDNN's blocked layout. `weight` is the [N, K] original
+    (not a copy): the fallback when a step runs with C++ kernels off."""
+    kind: str
+    data: torch.Tensor
+    weight: torch.Tensor
+
+
+def gemm_panels_supported(dtype: torch.dtype) -> bool:
+    """The C++ panel GEMM runs here: bf16, C++ kernels on and built with AVX512-BF16."""
+    ext = cpu_ext.get()
+    return dtype == torch.bfloat16 and ext is not None and ext.gemm_bf16_supported()
+
+
+def pack_weight(w: torch.Tensor, m_hint: int, kind: str = "onednn") -> PackedWeight:
+    """`w` [N, K] in `kind`'s layout; oneDNN's is blocked for GEMMs of about `m_hint` rows (any M works)."""
+    if kind == "panels" and w.shape[1] % 2 == 0:
+        n, k = w.shape
+        panels = -(-n // 64)
+        padded = w.new_zeros(panels * 64, k)
+        padded[:n] = w
+        return PackedWeight(kind, padded.view(panels, 64, k // 2, 2).permute(0, 2, 1, 3).contiguous(), w)
+    return PackedWeight("onednn", torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), m_hint), w)
+
+
+def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ b) with a prepacked weight; `out`: [M, N] rows to write into (the panel GEMM writes there
+    directly)."""
+    if packed.kind == "panels":
+        ext = cpu_ext.get()
+        if ext is not None:
+            n = packed.weight.shape[0]
+            y = ext.gemm_bf16(x.reshape(-1, x.shape[-1]), packed.data, n, bias, out)
+            return y if out is not None else y.view(*x.shape[:-1], n)
+        y = F.linear(x, packed.weight, bias)
+    else:
+        y = torch.ops.mkldnn._linear_pointwise(x, packed.data, bias, "none", [], "")
+    return y if out is None else out.copy_(y)
 
 
 # Batch-invariant mode: every GEMM runs on exactly this many rows (the last tile zero-padded), so oneDNN/MKL
@@ -137,7 +174,7 @@ HEAD_TILE_ROWS = 16  # the LM head's tile: few rows sample, and a padded head ro
 
 
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 packed: torch.Tensor | None = None, tile: int = GEMM_TILE_ROWS,
+                 packed: PackedWeight | None = None, tile: int = GEMM_TILE_ROWS,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T (+ b) computed tile rows at a time, every call of exactly `tile` rows: row i's result is the
     same whatever M, its position, its row-mates, the executor's split or the thread count (checked in
@@ -156,9 +193,9 @@ def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 LOGITS_BLOCK = 2048  # vocab rows per GEMM on the CPU
 
 
-def logits_linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None,
+def logits_linear(x: torch.Tensor, w: torch.Tensor, packed: PackedWeight | None = None,
                   batch_invariant: bool = False) -> torch.Tensor:
-    """x [T, d] @ w[V, d]^T. `packed`: the head prepacked for oneDNN, one GEMM (1.2x the blocks below, bf16).
+    """x [T, d] @ w[V, d]^T. `packed`: the head prepacked (`PackedWeight`), one GEMM (1.2x the blocks below, bf16).
     Else on the CPU a vocab-sized weight goes in blocks of LOGITS_BLOCK rows: one [V, d] float32 GEMM ran at
     60-70% of the blocks' FLOP/s (SmolLM2's 49152x576 head, 2 threads), and each block's values are
     bit-identical to the full GEMM's. --no-cpp-kernels keeps the single GEMM. `batch_invariant`: fixed row

@@ -14,8 +14,8 @@ from torch import nn
 from nanoflow.flow.ops import Operation, StepState, final_hidden, layer_operations, run_op
 from nanoflow.kernels.attention import AttentionMetadata, write_kv
 from nanoflow.models.config import ModelConfig
-from nanoflow.models.layers import Linear, RMSNorm, RopeInputs, RotaryEmbedding, logits_linear, pack_weight, \
-    silu_and_mul
+from nanoflow.models.layers import Linear, PackedWeight, RMSNorm, RopeInputs, RotaryEmbedding, logits_linear, \
+    pack_weight, silu_and_mul
 
 
 class Attention(nn.Module):
@@ -85,7 +85,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(self.cfg, self.rope) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, rows)
-        self.packed_head: torch.Tensor | None = None  # the LM head in oneDNN's layout (prepack_linears)
+        self.packed_head: PackedWeight | None = None  # the LM head prepacked for a CPU GEMM (prepack_linears)
         self.tp = None  # the rank's TPGroup once it joined (distributed/comm.py); None: one device
         self.batch_invariant = False  # kernels/batch_invariant.enable
         self.paged_prefill = False  # CPU: short prefill chunks through the paged C++ kernel (attention.attend_prefill)
@@ -121,13 +121,13 @@ class LlamaForCausalLM(nn.Module):
             self.tp.all_reduce_(x)
         return x
 
-    def prepack_linears(self, m_hint: int) -> None:
-        """Every linear layer and the LM head in oneDNN's blocked layout (bf16 on a CPU with native bf16:
-        `packed_gemm_supported`); costs a second copy of the weights."""
+    def prepack_linears(self, m_hint: int, kind: str = "onednn") -> None:
+        """Every linear layer and the LM head prepacked for `kind`'s GEMM (layers.GEMM_KINDS: bf16 on a CPU with
+        native bf16); costs a second copy of the weights."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.packed = pack_weight(module.weight, m_hint)
-        self.packed_head = pack_weight(self.head_weight(), m_hint)
+                module.packed = pack_weight(module.weight, m_hint, kind)
+        self.packed_head = pack_weight(self.head_weight(), m_hint, kind)
 
     def head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -1,0 +1,138 @@
+// bf16 GEMM for decode-sized batches on the CPU (AVX512-BF16): y [M, N] = x [M, K] W^T (+ b), float32 sums,
+// rounded to bf16 once. Why: at M <= 64 oneDNN's bf16 GEMM ran this model's layers at 230-345 GFLOP/s with the
+// weights coming from DRAM (every layer's are, in a real step), and padded M to its blocking (M = 48 cost what
+// M = 64 did); this kernel keeps the FMA units busy by prefetching the next weight panel while the current one
+// is reused from L2 by every row tile.
+//
+// W is packed once (layers.pack_gemm_weight): [N / 64 panels][K / 2 pairs][64 columns][2] bf16, N padded to 64
+// and K to even with zeros. A panel's pair row is 4 vectors, each the operand of vdpbf16ps against one x row's
+// pair broadcast: a 6-row x 64-column tile keeps 24 accumulators in registers over the whole K.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <vector>
+#include "vec.h"
+
+#ifdef NANOFLOW_AVX512BF16
+namespace {
+
+using namespace nanoflow_vec;
+constexpr int64_t NR = 64, MR = 6;
+
+struct GemmArgs {
+  const uint16_t* x;
+  int64_t ldx, M, N, kp;  // kp: pairs of K
+  const uint16_t* w;      // packed panels
+  const c10::BFloat16* bias;
+  c10::BFloat16* y;
+  int64_t ldy;
+};
+
+// Rows [m0, m0 + R) x panel `n`. Meanwhile prefetches this tile's share (slice `part` of `parts`) of the next
+// panel into L2, so that panel streams from DRAM while this one is reused from cache.
+template <int R>
+void tile(const GemmArgs& g, int64_t m0, int64_t n, const char* next, int64_t part, int64_t parts) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  const uint16_t* panel = g.w + n * g.kp * NR * 2;
+  const int32_t* xr[R];
+  for (int r = 0; r < R; ++r) xr[r] = reinterpret_cast<const int32_t*>(g.x + (m0 + r) * g.ldx);
+  // This tile's share of the next panel, in cache lines, spread over its K steps.
+  const int64_t lines = g.kp * NR * 2 * 2 / 64, line0 = lines * part / parts, line_end = lines * (part + 1) / parts;
+  const int64_t per_step = (line_end - line0 + g.kp - 1) / std::max<int64_t>(g.kp, 1);
+  for (int64_t p = 0; p < g.kp; ++p) {
+    const uint16_t* b = panel + p * NR * 2;
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 32);
+    const __m512bh b2 = (__m512bh)_mm512_loadu_si512(b + 64), b3 = (__m512bh)_mm512_loadu_si512(b + 96);
+    if (next != nullptr)
+      for (int64_t l = line0 + p * per_step, e = std::min(l + per_step, line_end); l < e; ++l)
+        _mm_prefetch(next + l * 64, _MM_HINT_T1);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(xr[r][p]);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], a, b2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], a, b3);
+    }
+  }
+  const int64_t n0 = n * NR;
+  for (int j = 0; j < 4; ++j) {
+    const int64_t c = n0 + 16 * j;
+    if (c >= g.N) break;
+    const __mmask16 k = tail_mask(g.N - c);
+    const __m512 bias = g.bias != nullptr ? load_bf16(g.bias + c, k) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) store_bf16(g.y + (m0 + r) * g.ldy + c, _mm512_add_ps(acc[r][j], bias), k);
+  }
+}
+
+void run_tile(const GemmArgs& g, int64_t m0, int64_t n, const char* next, int64_t part, int64_t parts) {
+  switch (std::min(MR, g.M - m0)) {
+    case 1: tile<1>(g, m0, n, next, part, parts); break;
+    case 2: tile<2>(g, m0, n, next, part, parts); break;
+    case 3: tile<3>(g, m0, n, next, part, parts); break;
+    case 4: tile<4>(g, m0, n, next, part, parts); break;
+    case 5: tile<5>(g, m0, n, next, part, parts); break;
+    default: tile<6>(g, m0, n, next, part, parts); break;
+  }
+}
+
+}  // namespace
+#endif
+
+bool gemm_bf16_supported() {
+#ifdef NANOFLOW_AVX512BF16
+  return true;
+#else
+  return false;
+#endif
+}
+
+// x [M, K] bf16 (rows contiguous); w_packed [N / 64, K / 2, 64, 2] bf16 (see above); bias [N] bf16 or None;
+// out: [M, N] bf16 rows to write into (unit column stride), else a new tensor.
+torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w_packed, int64_t N, c10::optional<torch::Tensor> bias,
+                        c10::optional<torch::Tensor> out) {
+  TORCH_CHECK(gemm_bf16_supported(), "gemm_bf16 needs an AVX512-BF16 build");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && w_packed.scalar_type() == at::kBFloat16,
+              "gemm_bf16: x [M, K] and packed weights in bfloat16");
+  if (x.stride(1) != 1 || x.stride(0) % 2 != 0) x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), kp = w_packed.size(1), panels = w_packed.size(0);
+  TORCH_CHECK(w_packed.is_contiguous() && w_packed.size(2) == 64 && w_packed.size(3) == 2 && kp == (K + 1) / 2 &&
+              panels * 64 >= N && (panels - 1) * 64 < N, "gemm_bf16: packed weights do not match x or N");
+  TORCH_CHECK(K % 2 == 0, "gemm_bf16: K must be even");
+  torch::Tensor y = out.has_value() && out->defined() ? *out : torch::empty({M, N}, x.options());
+  TORCH_CHECK(y.scalar_type() == at::kBFloat16 && y.dim() == 2 && y.size(0) == M && y.size(1) == N &&
+              (y.stride(1) == 1 || N == 1), "gemm_bf16: out must be [M, N] bf16 with unit column stride");
+#ifdef NANOFLOW_AVX512BF16
+  torch::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->to(at::kBFloat16).contiguous();
+    TORCH_CHECK(b.numel() == N, "gemm_bf16: bias must have N values");
+  }
+  GemmArgs g{reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0), M, N, kp,
+             reinterpret_cast<const uint16_t*>(w_packed.data_ptr()),
+             b.defined() ? b.data_ptr<c10::BFloat16>() : nullptr, y.data_ptr<c10::BFloat16>(), y.stride(0)};
+  // Work items: (row block, panel, row tile), each thread a contiguous run: a panel is shared by at most two
+  // threads, and each thread prefetches the panel after its current one. Row blocks of MB rows keep a block's x
+  // rows in L2 while every panel passes (prefill-sized M).
+  const int64_t MB = MR * 20, blocks = (M + MB - 1) / MB;
+  std::vector<int64_t> first(blocks + 1, 0);  // first item of each row block
+  for (int64_t bl = 0; bl < blocks; ++bl) first[bl + 1] = first[bl] + panels * ((std::min(MB, M - bl * MB) + MR - 1) / MR);
+  const int64_t items = first[blocks];
+  if (items == 0) return y;
+  const int64_t parts = std::min<int64_t>(items, at::get_num_threads());
+  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t part = pb; part < pe; ++part) {
+      const int64_t begin = items * part / parts, end = items * (part + 1) / parts;
+      for (int64_t i = begin, bl = 0; i < end; ++i) {
+        while (i >= first[bl + 1]) ++bl;
+        const int64_t tiles = (first[bl + 1] - first[bl]) / panels, j = i - first[bl];
+        const int64_t n = j / tiles, t = j % tiles;
+        const bool more = n + 1 < panels && first[bl] + (n + 1) * tiles < end;  // this thread does panel n + 1
+        const char* next = more ? reinterpret_cast<const char*>(g.w + (n + 1) * kp * NR * 2) : nullptr;
+        run_tile(g, bl * MB + t * MR, n, next, t, tiles);
+      }
+    }
+  });
+#endif
+  return y;
+}
