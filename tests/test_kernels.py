@@ -183,3 +183,26 @@ def test_panel_gemm_rows_independent_of_batch():
     full = packed_linear(x, packed)
     for lo, hi in ((0, 1), (7, 20), (150, 200), (3, 130)):
         assert torch.equal(packed_linear(x[lo:hi], packed), full[lo:hi])
+
+
+@_panels
+@pytest.mark.parametrize("m", [1, 6, 37])
+def test_panel_gemm_glu_matches_silu_of_float32(m):
+    """GLU packing: the gate/up GEMM returns silu(gate) * up from its float32 sums (one bf16 rounding), like
+    the unfused GEMM and silu_and_mul (two roundings) within bf16 tolerance; C++ kernels off: the same math
+    through F.linear."""
+    from nanoflow.models.layers import pack_weight, packed_linear, silu_and_mul
+    gen = torch.Generator().manual_seed(m)
+    inter, k = 192, 128
+    w = (torch.randn(2 * inter, k, generator=gen) / k ** 0.5).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    packed = pack_weight(w, m, "panels", glu=True)
+    assert packed.glu
+    gu = x.float() @ w.float().t()
+    want = F.silu(gu[:, :inter]) * gu[:, inter:]
+    got = packed_linear(x, packed)
+    assert got.shape == (m, inter)
+    torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=2 ** -7)
+    torch.testing.assert_close(got, silu_and_mul(packed_linear(x, pack_weight(w, m, "panels"))), **TOL[torch.bfloat16])
+    with cpu_ext.switched(False):
+        torch.testing.assert_close(packed_linear(x, packed), got, **TOL[torch.bfloat16])

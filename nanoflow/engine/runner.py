@@ -63,7 +63,8 @@ def build_model_for(config, model_config: ModelConfig, tp_group=None):
         model.paged_prefill = config.paged_prefill
     if config.packed_gemm and packed_gemm_supported(dtype, config.device) and _room_for_packed(model):
         panels = config.cpp_kernels and config.cpp_gemm and gemm_panels_supported(dtype)
-        model.prepack_linears(config.dense_batch, "panels" if panels else "onednn")
+        # (batch-invariant mode keeps gate/up unfused: its GEMMs go through Linear in fixed row tiles)
+        model.prepack_linears(config.dense_batch, "panels" if panels else "onednn", not config.batch_invariant)
     if config.batch_invariant:
         from nanoflow.kernels import batch_invariant
         batch_invariant.enable(model)

@@ -106,7 +106,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_invariant:
             return tiled_linear(x, self.weight, self.bias, self.packed)
-        if self.packed is not None:
+        if self.packed is not None and not self.packed.glu:  # (a GLU-packed weight is MLP.gate_up's)
             return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -127,10 +127,12 @@ GEMM_KINDS = ("panels", "onednn")
 class PackedWeight:
     """A linear weight prepacked once for a CPU GEMM: "panels" for the C++ kernel (kernels/csrc/gemm_bf16.cpp:
     64-column panels of bf16 pairs), "onednn" for oneDNN's blocked layout. `weight` is the [N, K] original
-    (not a copy): the fallback when a step runs with C++ kernels off."""
+    (not a copy): the fallback when a step runs with C++ kernels off. `glu` (panels, an MLP's fused gate/up
+    weight): the GEMM returns silu(gate) * up [M, N / 2], computed from its float32 sums."""
     kind: str
     data: torch.Tensor
     weight: torch.Tensor
+    glu: bool = False
 
 
 def gemm_panels_supported(dtype: torch.dtype) -> bool:
@@ -139,14 +141,17 @@ def gemm_panels_supported(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and ext is not None and ext.gemm_bf16_supported()
 
 
-def pack_weight(w: torch.Tensor, m_hint: int, kind: str = "onednn") -> PackedWeight:
-    """`w` [N, K] in `kind`'s layout; oneDNN's is blocked for GEMMs of about `m_hint` rows (any M works)."""
+def pack_weight(w: torch.Tensor, m_hint: int, kind: str = "onednn", glu: bool = False) -> PackedWeight:
+    """`w` [N, K] in `kind`'s layout; oneDNN's is blocked for GEMMs of about `m_hint` rows (any M works).
+    `glu`: `w` is gate rows then up rows, packed for the fused silu(gate) * up (panels, N a multiple of 64)."""
     if kind == "panels" and w.shape[1] % 2 == 0:
         n, k = w.shape
+        glu = glu and n % 64 == 0
+        rows = w.view(2, n // 64, 32, k).transpose(0, 1).reshape(n, k) if glu else w  # gate 32, up 32, ...
         panels = -(-n // 64)
         padded = w.new_zeros(panels * 64, k)
-        padded[:n] = w
-        return PackedWeight(kind, padded.view(panels, 64, k // 2, 2).permute(0, 2, 1, 3).contiguous(), w)
+        padded[:n] = rows
+        return PackedWeight(kind, padded.view(panels, 64, k // 2, 2).permute(0, 2, 1, 3).contiguous(), w, glu)
     return PackedWeight("onednn", torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), m_hint), w)
 
 
@@ -157,10 +162,11 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     if packed.kind == "panels":
         ext = cpu_ext.get()
         if ext is not None:
-            n = packed.weight.shape[0]
-            y = ext.gemm_bf16(x.reshape(-1, x.shape[-1]), packed.data, n, bias, out)
+            n = packed.weight.shape[0] // (2 if packed.glu else 1)
+            y = ext.gemm_bf16(x.reshape(-1, x.shape[-1]), packed.data, n, bias, out, packed.glu)
             return y if out is not None else y.view(*x.shape[:-1], n)
         y = F.linear(x, packed.weight, bias)
+        y = silu_and_mul(y) if packed.glu else y
     else:
         y = torch.ops.mkldnn._linear_pointwise(x, packed.data, bias, "none", [], "")
     return y if out is None else out.copy_(y)

@@ -15,7 +15,7 @@ from nanoflow.flow.ops import Operation, StepState, final_hidden, layer_operatio
 from nanoflow.kernels.attention import AttentionMetadata, write_kv
 from nanoflow.models.config import ModelConfig
 from nanoflow.models.layers import Linear, PackedWeight, RMSNorm, RopeInputs, RotaryEmbedding, logits_linear, \
-    pack_weight, silu_and_mul
+    pack_weight, packed_linear, silu_and_mul
 
 
 class Attention(nn.Module):
@@ -51,7 +51,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def gate_up(self, x: torch.Tensor) -> torch.Tensor:
-        """The fused gate/up GEMM and silu(gate) * up."""
+        """The fused gate/up GEMM and silu(gate) * up (one C++ GEMM where the weight is GLU-packed)."""
+        packed = self.gate_up_proj.packed
+        if packed is not None and packed.glu:
+            return packed_linear(x, packed)
         return silu_and_mul(self.gate_up_proj(x))
 
 
@@ -121,12 +124,14 @@ class LlamaForCausalLM(nn.Module):
             self.tp.all_reduce_(x)
         return x
 
-    def prepack_linears(self, m_hint: int, kind: str = "onednn") -> None:
+    def prepack_linears(self, m_hint: int, kind: str = "onednn", fuse_glu: bool = False) -> None:
         """Every linear layer and the LM head prepacked for `kind`'s GEMM (layers.GEMM_KINDS: bf16 on a CPU with
-        native bf16); costs a second copy of the weights."""
+        native bf16); costs a second copy of the weights. `fuse_glu` (panels): the MLPs' gate/up GEMMs return
+        silu(gate) * up."""
+        glu = {id(m.gate_up_proj) for m in self.modules() if isinstance(m, MLP)} if fuse_glu else set()
         for module in self.modules():
             if isinstance(module, Linear):
-                module.packed = pack_weight(module.weight, m_hint, kind)
+                module.packed = pack_weight(module.weight, m_hint, kind, id(module) in glu)
         self.packed_head = pack_weight(self.head_weight(), m_hint, kind)
 
     def head_weight(self) -> torch.Tensor:

@@ -11,7 +11,7 @@ void rope_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_si
 torch::Tensor argmax_rows(torch::Tensor logits);
 bool gemm_bf16_supported();
 torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w_packed, int64_t N, c10::optional<torch::Tensor> bias,
-                        c10::optional<torch::Tensor> out);
+                        c10::optional<torch::Tensor> out, bool glu);
 void write_kv_packed(torch::Tensor kv_cache, torch::Tensor k, torch::Tensor v, torch::Tensor slot_mapping);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -28,6 +28,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows, "row-wise argmax (first maximum)", nogil());
   m.def("gemm_bf16_supported", &gemm_bf16_supported, "whether gemm_bf16 is built (AVX512-BF16)");
   m.def("gemm_bf16", &gemm_bf16, "x W^T (+ b) against weights packed in 64-column panels", py::arg("x"),
-        py::arg("w_packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("out") = py::none(), nogil());
+        py::arg("w_packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("out") = py::none(),
+        py::arg("glu") = false, nogil());
   m.def("rope_inplace", &rope_inplace, "rotate-half RoPE in place on q and k heads", nogil());
 }

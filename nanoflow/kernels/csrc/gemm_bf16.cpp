@@ -7,6 +7,9 @@
 // W is packed once (layers.pack_gemm_weight): [N / 64 panels][K / 2 pairs][64 columns][2] bf16, N padded to 64
 // and K to even with zeros. A panel's pair row is 4 vectors, each the operand of vdpbf16ps against one x row's
 // pair broadcast: a 6-row x 64-column tile keeps 24 accumulators in registers over the whole K.
+// GLU packing (an MLP's fused gate/up weight, gate rows then up rows): each panel holds 32 gate columns and the
+// same 32 up columns, and the tile writes silu(gate) * up (32 columns) straight from its float32 sums: the
+// [M, 2I] gate/up output is never written, read back or rounded.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <vector>
@@ -25,11 +28,12 @@ struct GemmArgs {
   const c10::BFloat16* bias;
   c10::BFloat16* y;
   int64_t ldy;
+  bool glu;
 };
 
 // Rows [m0, m0 + R) x panel `n`. Meanwhile prefetches this tile's share (slice `part` of `parts`) of the next
 // panel into L2, so that panel streams from DRAM while this one is reused from cache.
-template <int R>
+template <int R, bool GLU>
 void tile(const GemmArgs& g, int64_t m0, int64_t n, const char* next, int64_t part, int64_t parts) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
@@ -55,6 +59,12 @@ void tile(const GemmArgs& g, int64_t m0, int64_t n, const char* next, int64_t pa
       acc[r][3] = _mm512_dpbf16_ps(acc[r][3], a, b3);
     }
   }
+  if constexpr (GLU) {
+    for (int j = 0; j < 2; ++j)
+      for (int r = 0; r < R; ++r)
+        store_bf16(g.y + (m0 + r) * g.ldy + n * 32 + 16 * j, _mm512_mul_ps(silu_ps(acc[r][j]), acc[r][j + 2]));
+    return;
+  }
   const int64_t n0 = n * NR;
   for (int j = 0; j < 4; ++j) {
     const int64_t c = n0 + 16 * j;
@@ -65,14 +75,15 @@ void tile(const GemmArgs& g, int64_t m0, int64_t n, const char* next, int64_t pa
   }
 }
 
+template <bool GLU>
 void run_tile(const GemmArgs& g, int64_t m0, int64_t n, const char* next, int64_t part, int64_t parts) {
   switch (std::min(MR, g.M - m0)) {
-    case 1: tile<1>(g, m0, n, next, part, parts); break;
-    case 2: tile<2>(g, m0, n, next, part, parts); break;
-    case 3: tile<3>(g, m0, n, next, part, parts); break;
-    case 4: tile<4>(g, m0, n, next, part, parts); break;
-    case 5: tile<5>(g, m0, n, next, part, parts); break;
-    default: tile<6>(g, m0, n, next, part, parts); break;
+    case 1: tile<1, GLU>(g, m0, n, next, part, parts); break;
+    case 2: tile<2, GLU>(g, m0, n, next, part, parts); break;
+    case 3: tile<3, GLU>(g, m0, n, next, part, parts); break;
+    case 4: tile<4, GLU>(g, m0, n, next, part, parts); break;
+    case 5: tile<5, GLU>(g, m0, n, next, part, parts); break;
+    default: tile<6, GLU>(g, m0, n, next, part, parts); break;
   }
 }
 
@@ -88,16 +99,19 @@ bool gemm_bf16_supported() {
 }
 
 // x [M, K] bf16 (rows contiguous); w_packed [N / 64, K / 2, 64, 2] bf16 (see above); bias [N] bf16 or None;
-// out: [M, N] bf16 rows to write into (unit column stride), else a new tensor.
+// out: [M, N] bf16 rows to write into (unit column stride), else a new tensor. glu: w_packed in GLU packing
+// (N / 32 panels, no bias), the result silu(gate) * up [M, N].
 torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w_packed, int64_t N, c10::optional<torch::Tensor> bias,
-                        c10::optional<torch::Tensor> out) {
+                        c10::optional<torch::Tensor> out, bool glu) {
   TORCH_CHECK(gemm_bf16_supported(), "gemm_bf16 needs an AVX512-BF16 build");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && w_packed.scalar_type() == at::kBFloat16,
               "gemm_bf16: x [M, K] and packed weights in bfloat16");
   if (x.stride(1) != 1 || x.stride(0) % 2 != 0) x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), kp = w_packed.size(1), panels = w_packed.size(0);
   TORCH_CHECK(w_packed.is_contiguous() && w_packed.size(2) == 64 && w_packed.size(3) == 2 && kp == (K + 1) / 2 &&
-              panels * 64 >= N && (panels - 1) * 64 < N, "gemm_bf16: packed weights do not match x or N");
+              (glu ? panels * 32 == N : panels * 64 >= N && (panels - 1) * 64 < N),
+              "gemm_bf16: packed weights do not match x or N");
+  TORCH_CHECK(!glu || !(bias.has_value() && bias->defined()), "gemm_bf16: no bias with glu");
   TORCH_CHECK(K % 2 == 0, "gemm_bf16: K must be even");
   torch::Tensor y = out.has_value() && out->defined() ? *out : torch::empty({M, N}, x.options());
   TORCH_CHECK(y.scalar_type() == at::kBFloat16 && y.dim() == 2 && y.size(0) == M && y.size(1) == N &&
@@ -110,7 +124,7 @@ torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w_packed, int64_t N, c10:
   }
   GemmArgs g{reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0), M, N, kp,
              reinterpret_cast<const uint16_t*>(w_packed.data_ptr()),
-             b.defined() ? b.data_ptr<c10::BFloat16>() : nullptr, y.data_ptr<c10::BFloat16>(), y.stride(0)};
+             b.defined() ? b.data_ptr<c10::BFloat16>() : nullptr, y.data_ptr<c10::BFloat16>(), y.stride(0), glu};
   // Work items: (row block, panel, row tile), each thread a contiguous run: a panel is shared by at most two
   // threads, and each thread prefetches the panel after its current one. Row blocks of MB rows keep a block's x
   // rows in L2 while every panel passes (prefill-sized M).
@@ -129,7 +143,8 @@ torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w_packed, int64_t N, c10:
         const int64_t n = j / tiles, t = j % tiles;
         const bool more = n + 1 < panels && first[bl] + (n + 1) * tiles < end;  // this thread does panel n + 1
         const char* next = more ? reinterpret_cast<const char*>(g.w + (n + 1) * kp * NR * 2) : nullptr;
-        run_tile(g, bl * MB + t * MR, n, next, t, tiles);
+        if (g.glu) run_tile<true>(g, bl * MB + t * MR, n, next, t, tiles);
+        else run_tile<false>(g, bl * MB + t * MR, n, next, t, tiles);
       }
     }
   });
