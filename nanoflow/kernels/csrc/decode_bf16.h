@@ -72,12 +72,17 @@ void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, cons
   constexpr int NB = NV / 2;  // 32-wide bf16 vectors per row; 2 * NB interleaved vectors per row pair
   const int64_t len = a.len, row_stride = a.hkv * a.D;
   // Probabilities as bf16, in place over the float32 scores (row r at r * len, 2 bytes each).
+  // Rows at a stride of len rounded up to even, so that (p_t, p_t+1) is one aligned 32-bit load (a zero after an
+  // odd length), broadcast straight from memory.
   uint16_t* pb = reinterpret_cast<uint16_t*>(sc);
-  for (int64_t r = 0; r < nkv * G; ++r)
+  const int64_t pstride = len + (len & 1);
+  for (int64_t r = 0; r < nkv * G; ++r) {
     for (int64_t t = 0; t < len; t += 16) {
       const __mmask16 k = tail_mask(len - t);
-      store_bf16(pb + r * len + t, load_ps(sc + r * len + t, k), k);
+      store_bf16(pb + r * pstride + t, load_ps(sc + r * len + t, k), k);
     }
+    if (len & 1) pb[r * pstride + len] = 0;
+  }
   accbuf.assign(nkv * G * NV * 16, 0.f);
   for (int64_t t0 = 0, blk = 0; t0 < len; t0 += a.bs, ++blk) {
     prefetch_page(kc, a.next_table, a.next_len, a, blk, nkv);
@@ -85,7 +90,7 @@ void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, cons
     for (int64_t h = 0; h < nkv; ++h) {
       const c10::BFloat16* v0 = vc + (a.table[blk] * a.bs * a.hkv + a.kvh + h) * a.D;
       float* ah = accbuf.data() + h * G * NV * 16;
-      const uint16_t* ph = pb + h * G * len + t0;
+      const int32_t* ph = reinterpret_cast<const int32_t*>(pb + h * G * pstride + t0);
       __m512 acc[G][NV];
       for (int g = 0; g < G; ++g)
         for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_loadu_ps(ah + (g * NV + j) * 16);
@@ -99,9 +104,7 @@ void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, cons
           iv[2 * m + 1] = _mm512_unpackhi_epi16(r, q);
         }
         for (int g = 0; g < G; ++g) {
-          uint32_t pp = ph[g * len + s];
-          if (pair) pp |= static_cast<uint32_t>(ph[g * len + s + 1]) << 16;
-          const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp));
+          const __m512bh p = (__m512bh)_mm512_set1_epi32(ph[(g * pstride + s) / 2]);
           for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_dpbf16_ps(acc[g][j], p, (__m512bh)iv[j]);
         }
       }
@@ -155,7 +158,8 @@ void scores_rows_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10
   }
 }
 
-// Scores against packed K pages (a.bs a multiple of 16): per 16 slots, G accumulators in two chains each.
+// Scores against packed K pages (a.bs a multiple of 16): per 16 slots, G accumulators in four chains each (the
+// dot products' latency: two chains per head left G = 3 waiting on them).
 template <int NV, int G>
 void scores_packed_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a,
                         int64_t nkv, float* sc) {
@@ -171,19 +175,19 @@ void scores_packed_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c
       const int32_t* qh = qpairs + h * G * NP;
       for (int64_t s0 = 0; s0 < n_page; s0 += 16) {
         const c10::BFloat16* k0 = page + s0 * 2;
-        __m512 acc[G][2];
-        for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm512_setzero_ps();
-        for (int j = 0; j < NP; j += 2) {
-          const __m512bh ka = (__m512bh)_mm512_loadu_si512(k0 + j * bs * 2);
-          const __m512bh kb = (__m512bh)_mm512_loadu_si512(k0 + (j + 1) * bs * 2);
-          for (int g = 0; g < G; ++g) {
-            acc[g][0] = _mm512_dpbf16_ps(acc[g][0], (__m512bh)_mm512_set1_epi32(qh[g * NP + j]), ka);
-            acc[g][1] = _mm512_dpbf16_ps(acc[g][1], (__m512bh)_mm512_set1_epi32(qh[g * NP + j + 1]), kb);
+        __m512 acc[G][4];
+        for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = _mm512_setzero_ps();
+        for (int j = 0; j < NP; j += 4)
+          for (int c = 0; c < 4; ++c) {
+            const __m512bh kv = (__m512bh)_mm512_loadu_si512(k0 + (j + c) * bs * 2);
+            for (int g = 0; g < G; ++g)
+              acc[g][c] = _mm512_dpbf16_ps(acc[g][c], (__m512bh)_mm512_set1_epi32(qh[g * NP + j + c]), kv);
           }
-        }
         const __mmask16 valid = tail_mask(n_page - s0);
-        for (int g = 0; g < G; ++g)
-          store_ps(sc + (h * G + g) * len + t0 + s0, _mm512_mul_ps(_mm512_add_ps(acc[g][0], acc[g][1]), scale), valid);
+        for (int g = 0; g < G; ++g) {
+          const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[g][0], acc[g][1]), _mm512_add_ps(acc[g][2], acc[g][3]));
+          store_ps(sc + (h * G + g) * len + t0 + s0, _mm512_mul_ps(sum, scale), valid);
+        }
       }
     }
   }
