@@ -112,14 +112,18 @@ void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, cons
         for (int j = 0; j < NV; ++j) _mm512_storeu_ps(ah + (g * NV + j) * 16, acc[g][j]);
     }
   }
-  // Undo the interleaving, round to bf16 (nearest even, as torch does).
+  // Undo the interleaving (d = 32m + 8l + 4h + j sits in 128-bit chunk l of acc[2m + h]: the output's 32 dims
+  // from m alternate the two vectors' chunks), round to bf16 (nearest even, as torch does). Vectorized: the
+  // scalar loop was a third of this function's time.
+  const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   for (int64_t r = 0; r < nkv * G; ++r) {
     const float* ar = accbuf.data() + r * NV * 16;
-    for (int j = 0; j < NV; ++j)
-      for (int lane = 0; lane < 16; ++lane) {
-        const int d = 32 * (j / 2) + 8 * (lane / 4) + 4 * (j % 2) + lane % 4;
-        out[r * NV * 16 + d] = c10::BFloat16(ar[j * 16 + lane]);
-      }
+    for (int m = 0; m < NB; ++m) {
+      const __m512 a = _mm512_loadu_ps(ar + 32 * m), b = _mm512_loadu_ps(ar + 32 * m + 16);
+      store_bf16(out + r * NV * 16 + 32 * m, _mm512_permutex2var_ps(a, lo, b));
+      store_bf16(out + r * NV * 16 + 32 * m + 16, _mm512_permutex2var_ps(a, hi, b));
+    }
   }
 }
 
