@@ -92,8 +92,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class Linear(nn.Module):
     """y = x W^T (+ b); weights kept in the serving dtype, never trained. `packed` (set by `prepack_linears`)
-    is the same weight prepacked for a CPU GEMM (`PackedWeight`), used by forward; `weight` stays for the paths that write
-    GEMM results into rows of a buffer (nano-batches) and for other devices. `batch_invariant` (set by
+    is the same weight prepacked for a CPU GEMM (`PackedWeight`), used by forward; `weight` stays for the
+    paths that write GEMM results into rows of a buffer (nano-batches) and for other devices. `batch_invariant` (set by
     `kernels.batch_invariant.enable`): every GEMM in fixed tiles of GEMM_TILE_ROWS rows (`tiled_linear`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
