@@ -39,7 +39,7 @@ def _pack_k(k_pages: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.skipif(ext is None or not ext.packed_k_supported(64, 16, 3), reason="no AVX512-BF16 build")
-@pytest.mark.parametrize("hq, hkv, d", [(9, 3, 64), (8, 2, 128), (4, 4, 64)])
+@pytest.mark.parametrize("hq, hkv, d", [(9, 3, 64), (8, 2, 128), (4, 4, 64), (14, 2, 64)])
 @pytest.mark.parametrize("b, bs", [(6, 16), (40, 16), (40, 32)])
 def test_paged_decode_packed_k_matches_torch(hq, hkv, d, b, bs):
     gen = torch.Generator().manual_seed(5)

@@ -71,9 +71,9 @@ void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, cons
                           float* sc, c10::BFloat16* out, std::vector<float>& accbuf) {
   constexpr int NB = NV / 2;  // 32-wide bf16 vectors per row; 2 * NB interleaved vectors per row pair
   const int64_t len = a.len, row_stride = a.hkv * a.D;
-  // Probabilities as bf16, in place over the float32 scores (row r at r * len, 2 bytes each).
-  // Rows at a stride of len rounded up to even, so that (p_t, p_t+1) is one aligned 32-bit load (a zero after an
-  // odd length), broadcast straight from memory.
+  // Probabilities as bf16, in place over the float32 scores (row r at r * pstride, 2 bytes each): len rounded up
+  // to even, so that (p_t, p_t+1) is one aligned 32-bit load (a zero after an odd length), broadcast straight
+  // from memory.
   uint16_t* pb = reinterpret_cast<uint16_t*>(sc);
   const int64_t pstride = len + (len & 1);
   for (int64_t r = 0; r < nkv * G; ++r) {
@@ -162,12 +162,12 @@ void scores_rows_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10
   }
 }
 
-// Scores against packed K pages (a.bs a multiple of 16): per 16 slots, G accumulators in four chains each (the
-// dot products' latency: two chains per head left G = 3 waiting on them).
+// Scores against packed K pages (a.bs a multiple of 16): per 16 slots, G accumulators in C chains each (the dot
+// products' latency: two chains per head left G = 3 waiting on them; G > 4 keeps two, 4 G within the registers).
 template <int NV, int G>
 void scores_packed_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a,
                         int64_t nkv, float* sc) {
-  constexpr int NP = NV * 8;  // pairs of dims per head
+  constexpr int NP = NV * 8, C = G <= 4 ? 4 : 2;  // pairs of dims per head; chains
   const int64_t len = a.len, bs = a.bs;
   const __m512 scale = _mm512_set1_ps(a.scale);
   const int32_t* qpairs = reinterpret_cast<const int32_t*>(q);
@@ -179,17 +179,19 @@ void scores_packed_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c
       const int32_t* qh = qpairs + h * G * NP;
       for (int64_t s0 = 0; s0 < n_page; s0 += 16) {
         const c10::BFloat16* k0 = page + s0 * 2;
-        __m512 acc[G][4];
-        for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = _mm512_setzero_ps();
-        for (int j = 0; j < NP; j += 4)
-          for (int c = 0; c < 4; ++c) {
+        __m512 acc[G][C];
+        for (int g = 0; g < G; ++g)
+          for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+        for (int j = 0; j < NP; j += C)
+          for (int c = 0; c < C; ++c) {
             const __m512bh kv = (__m512bh)_mm512_loadu_si512(k0 + (j + c) * bs * 2);
             for (int g = 0; g < G; ++g)
               acc[g][c] = _mm512_dpbf16_ps(acc[g][c], (__m512bh)_mm512_set1_epi32(qh[g * NP + j + c]), kv);
           }
         const __mmask16 valid = tail_mask(n_page - s0);
         for (int g = 0; g < G; ++g) {
-          const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[g][0], acc[g][1]), _mm512_add_ps(acc[g][2], acc[g][3]));
+          __m512 sum = _mm512_add_ps(acc[g][0], acc[g][1]);
+          if constexpr (C == 4) sum = _mm512_add_ps(sum, _mm512_add_ps(acc[g][2], acc[g][3]));
           store_ps(sc + (h * G + g) * len + t0 + s0, _mm512_mul_ps(sum, scale), valid);
         }
       }

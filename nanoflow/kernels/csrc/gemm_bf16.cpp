@@ -130,7 +130,8 @@ torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w_packed, int64_t N, c10:
   // rows in L2 while every panel passes (prefill-sized M).
   const int64_t MB = MR * 20, blocks = (M + MB - 1) / MB;
   std::vector<int64_t> first(blocks + 1, 0);  // first item of each row block
-  for (int64_t bl = 0; bl < blocks; ++bl) first[bl + 1] = first[bl] + panels * ((std::min(MB, M - bl * MB) + MR - 1) / MR);
+  for (int64_t bl = 0; bl < blocks; ++bl)
+    first[bl + 1] = first[bl] + panels * ((std::min(MB, M - bl * MB) + MR - 1) / MR);
   const int64_t items = first[blocks];
   if (items == 0) return y;
   const int64_t parts = std::min<int64_t>(items, at::get_num_threads());
