@@ -120,9 +120,6 @@ def packed_gemm_supported(dtype: torch.dtype, device: torch.device | str) -> boo
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-GEMM_KINDS = ("panels", "onednn")
-
-
 @dataclass(frozen=True)
 class PackedWeight:
     """A linear weight prepacked once for a CPU GEMM: "panels" for the C++ kernel (kernels/csrc/gemm_bf16.cpp:

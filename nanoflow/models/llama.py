@@ -125,9 +125,9 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def prepack_linears(self, m_hint: int, kind: str = "onednn", fuse_glu: bool = False) -> None:
-        """Every linear layer and the LM head prepacked for `kind`'s GEMM (layers.GEMM_KINDS: bf16 on a CPU with
-        native bf16); costs a second copy of the weights. `fuse_glu` (panels): the MLPs' gate/up GEMMs return
-        silu(gate) * up."""
+        """Every linear layer and the LM head prepacked for `kind`'s GEMM ("panels" or "onednn",
+        layers.PackedWeight: bf16 on a CPU with native bf16); costs a second copy of the weights. `fuse_glu`
+        (panels): the MLPs' gate/up GEMMs return silu(gate) * up."""
         glu = {id(m.gate_up_proj) for m in self.modules() if isinstance(m, MLP)} if fuse_glu else set()
         for module in self.modules():
             if isinstance(module, Linear):
