@@ -95,7 +95,8 @@ class ModelRunner:
         self.tp = tp_group  # tensor parallelism: rank 0 sends each step to the workers and samples
         self.cpp_kernels = config.cpp_kernels  # this engine's C++ CPU kernel switch (every step runs under it)
         # How each step's layers run (nanoflow/flow): called like the model, returns the final hidden states.
-        self.executor = make_executor(config.executor, config.plan, self.model, self.device, config.dense_batch)
+        self.executor = make_executor(config.executor, config.plan, self.model, self.device, config.dense_batch,
+                                      config.cpp_kernels and config.cpp_decode_stack)
         shape = (2, num_blocks, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.cfg.num_layers)]
         self.k_packed = self._packs_k(config)

@@ -186,9 +186,10 @@ def resolve_plan(plan, kind: str, model, dense_batch: int, device) -> Plan:
     return nanobatch_plan(dense_batch, tp_size=tp) if kind == "nanobatch" else overlap_plan(dense_batch, tp_size=tp)
 
 
-def make_executor(kind: str, plan, model, device=None, dense_batch: int = 256) -> Executor:
+def make_executor(kind: str, plan, model, device=None, dense_batch: int = 256, cpp_decode_stack: bool = False):
     """`kind` in EXECUTORS; `plan` a Plan, a JSON path or None (the executor's default plan).
-    nanobatch with an overlap plan runs that plan's splits and issue order on one unit."""
+    nanobatch with an overlap plan runs that plan's splits and issue order on one unit. `cpp_decode_stack`
+    (CPU, sequential): all-decode steps in one C++ call where the model fits it (flow/cpp_stack.py)."""
     if kind not in EXECUTORS:
         raise ValueError(f"unknown executor {kind!r}: choose one of {', '.join(EXECUTORS)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -198,4 +199,7 @@ def make_executor(kind: str, plan, model, device=None, dense_batch: int = 256) -
     if device.type == "cuda" and model.tp_size == 1 and env.cuda_graphs():
         from nanoflow.flow.cuda_graphs import GraphedStep  # the whole step as one CUDA graph per step shape
         return GraphedStep(ex)
+    if device.type == "cpu" and kind == "sequential" and cpp_decode_stack:
+        from nanoflow.flow.cpp_stack import CppDecodeStack
+        return CppDecodeStack(ex)
     return ex

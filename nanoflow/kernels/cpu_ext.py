@@ -18,7 +18,8 @@ from nanoflow import env, profiling
 
 log = logging.getLogger(__name__)
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
-_SOURCES = [os.path.join(_CSRC, f) for f in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp", "gemm_bf16.cpp")]
+_SOURCES = [os.path.join(_CSRC, f) for f in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp", "gemm_bf16.cpp",
+                                                   "decode_stack.cpp")]
 # (in the build key: a header change is a new build)
 _HEADERS = [os.path.join(_CSRC, f) for f in ("vec.h", "decode_common.h", "decode_bf16.h", "decode_f32.h")]
 _env_off = env.no_cpp()

@@ -13,6 +13,10 @@ bool gemm_bf16_supported();
 torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w_packed, int64_t N, c10::optional<torch::Tensor> bias,
                         c10::optional<torch::Tensor> out, bool glu);
 void write_kv_packed(torch::Tensor kv_cache, torch::Tensor k, torch::Tensor v, torch::Tensor slot_mapping);
+std::vector<torch::Tensor> decode_stack(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin,
+                                        torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor lens,
+                                        std::vector<torch::Tensor> layers, std::vector<torch::Tensor> kv_caches,
+                                        std::vector<int64_t> dims, double scale, double eps);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while a kernel runs (tensors only, no Python objects): with async scheduling the
@@ -30,5 +34,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_bf16", &gemm_bf16, "x W^T (+ b) against weights packed in 64-column panels", py::arg("x"),
         py::arg("w_packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("out") = py::none(),
         py::arg("glu") = false, nogil());
+  m.def("decode_stack", &decode_stack, "a decode step's layer stack (flow/cpu_graph.py)", nogil());
   m.def("rope_inplace", &rope_inplace, "rotate-half RoPE in place on q and k heads", nogil());
 }

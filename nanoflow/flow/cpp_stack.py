@@ -1,0 +1,83 @@
+"""All-decode steps on the CPU in one C++ call: the kernels the Python forward (`flow/ops.py`) calls for such a
+step, called in the same order on the same tensors from C++ (`kernels/csrc/decode_stack.cpp`), the CPU's
+counterpart of replaying a CUDA graph (`flow/cuda_graphs.py`). At 64 decode rows the Python forward spent 6 ms
+of a 95 ms step between its ~270 kernel calls; the C++ loop spends microseconds and releases the GIL once.
+
+A step takes it when every row decodes and every operation of the Python forward would be one of those C++
+kernels: a CPU model in bf16 on one device, panel-packed GEMMs (gate/up GLU-packed), packed K pages, not
+batch-invariant, the sequential executor, no nano-op trace being recorded. Anything else (prefill chunks,
+float32, oneDNN GEMMs, ...) runs the wrapped executor. The hidden states are the same bit for bit
+(tests/test_cpp_stack.py); `--no-cpp-decode-stack` (EngineConfig.cpp_decode_stack) switches it off.
+"""
+from __future__ import annotations
+
+import torch
+
+from nanoflow.kernels import cpu_ext
+from nanoflow.kernels.attention import AttentionMetadata
+
+TENSORS_PER_LAYER = 7  # decode_stack.cpp's kPerLayer
+
+
+class CppDecodeStack:
+    """Wraps a sequential executor (`executor(input_ids, positions, meta, kv_caches) -> hidden`)."""
+
+    def __init__(self, executor) -> None:
+        self.executor = executor
+        self._layers: list[torch.Tensor] | None = None  # per-layer tensors, collected on first use
+
+    def __getattr__(self, name):  # plan, close, trace_steps, ... of the wrapped executor
+        return getattr(self.executor, name)
+
+    @property
+    def trace(self):
+        return self.executor.trace
+
+    @trace.setter
+    def trace(self, value) -> None:
+        self.executor.trace = value
+
+    @torch.inference_mode()
+    def __call__(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
+        layers = self._stack_tensors() if self._takes(input_ids, meta) else None
+        if layers is None:
+            return self.executor(input_ids, positions, meta, kv_caches)
+        model, c = self.executor.model, self.executor.model.cfg
+        attn, norm = model.layers[0].self_attn, model.layers[0].input_layernorm
+        hidden, residual = cpu_ext.load().decode_stack(
+            model.embed(input_ids), positions, model.rope.cos_sin, meta.slot_mapping, meta.decode_block_tables,
+            meta.decode_context_lens, layers, kv_caches,
+            [c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size], attn.scale, norm.eps)
+        return model.norm(hidden, residual)[0]
+
+    def _takes(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """This step: all rows decode, packed K pages, C++ kernels on for it, no nano-op trace wanted."""
+        return (not meta.prefills and meta.num_decode == input_ids.shape[0] > 0 and meta.k_packed
+                and cpu_ext.enabled() and self.executor.trace is None)
+
+    def _stack_tensors(self) -> list[torch.Tensor] | None:
+        """decode_stack.cpp's per-layer tensors, or None (an empty list) when the model does not fit it."""
+        if self._layers is None:
+            self._layers = stack_tensors(self.executor.model) or []
+        return self._layers or None
+
+
+def stack_tensors(model) -> list[torch.Tensor] | None:
+    """Per layer: attention norm weight, qkv panels, qkv bias (empty: none), o panels, FFN norm weight, gate/up
+    GLU panels, down panels; None unless every operation of the Python forward would be those C++ kernels."""
+    if (model.tp_size != 1 or model.batch_invariant or cpu_ext.load() is None
+            or next(model.parameters()).device.type != "cpu"):
+        return None
+    out: list[torch.Tensor] = []
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = (attn.qkv_proj.packed, attn.o_proj.packed, mlp.gate_up_proj.packed, mlp.down_proj.packed)
+        if any(p is None or p.kind != "panels" for p in linears) or [p.glu for p in linears] != [False, False, True, False] \
+                or attn.o_proj.bias is not None or mlp.down_proj.bias is not None:
+            return None
+        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        if any(w.dtype != torch.bfloat16 for w in norms):
+            return None
+        bias = attn.qkv_proj.bias if attn.qkv_proj.bias is not None else norms[0].new_empty(0)
+        out += [norms[0], linears[0].data, bias, linears[1].data, norms[1], linears[2].data, linears[3].data]
+    return out

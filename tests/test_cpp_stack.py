@@ -1,0 +1,62 @@
+"""All-decode CPU steps in one C++ call (flow/cpp_stack.py): the same hidden states as the Python forward, bit
+for bit, and the Python forward for every step or model it does not fit."""
+import pytest
+import torch
+
+from nanoflow import LLM, SamplingParams
+from nanoflow.flow.cpp_stack import CppDecodeStack, stack_tensors
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4, 5,", "Once upon a time,"]
+
+
+@pytest.fixture
+def bf16_llm():
+    llm = LLM("default", dtype="bfloat16")
+    if not isinstance(llm.engine.runner.executor, CppDecodeStack) or stack_tensors(llm.engine.runner.model) is None:
+        pytest.skip("no AVX512-BF16 build here: the C++ panel GEMM and packed K pages are off, so is the stack")
+    return llm
+
+
+def _decode_step(llm, n_steps: int = 3):
+    """Inputs of an all-decode step of the engine's requests (prompts prefilled, a few tokens decoded); the
+    engine is left with that step prepared and not run."""
+    eng = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    for i, p in enumerate(PROMPTS):
+        eng.add_request(f"s{i}", llm.tokenizer.encode(p), params)
+    for _ in range(n_steps):
+        eng.step()
+    batch = eng.scheduler.schedule()
+    assert batch.decodes and not batch.prefills
+    return eng.runner.prepare(batch)
+
+
+def test_stack_equals_python_forward_bit_for_bit(bf16_llm):
+    runner = bf16_llm.engine.runner
+    inp = _decode_step(bf16_llm)
+    stack, plain = runner.executor, runner.executor.executor
+    assert stack._takes(inp.input_ids, inp.meta) and stack._stack_tensors() is not None  # the C++ call runs
+    # (each call writes the step's K/V to the same slots with the same values: the calls do not disturb each other)
+    fast = stack(inp.input_ids, inp.positions, inp.meta, runner.kv_caches).clone()
+    slow = plain(inp.input_ids, inp.positions, inp.meta, runner.kv_caches)
+    assert torch.equal(fast, slow)
+
+
+def test_same_tokens_and_logprobs_with_and_without(bf16_llm):
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+    on = bf16_llm.generate(PROMPTS, params, use_tqdm=False)
+    off = LLM("default", dtype="bfloat16", cpp_decode_stack=False)
+    assert not isinstance(off.engine.runner.executor, CppDecodeStack)
+    off_outs = off.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in on] == [o.outputs[0].token_ids for o in off_outs]
+    assert [o.outputs[0].logprobs for o in on] == [o.outputs[0].logprobs for o in off_outs]
+
+
+def test_models_and_steps_it_does_not_fit():
+    """float32 (F.linear GEMMs), oneDNN's packed GEMM and other executors keep the Python forward."""
+    f32 = LLM("default", dtype="float32")
+    assert stack_tensors(f32.engine.runner.model) is None
+    onednn = LLM("default", dtype="bfloat16", cpp_gemm=False)
+    assert stack_tensors(onednn.engine.runner.model) is None
+    nano = LLM("default", dtype="bfloat16", executor="nanobatch")
+    assert not isinstance(nano.engine.runner.executor, CppDecodeStack)
