@@ -8,6 +8,7 @@ accessors (read at call time, so a test's monkeypatch.setenv takes effect).
 | NANOFLOW_CPP_BUILD_TIMEOUT | seconds to wait for another process's C++ kernel build before using torch (600) |
 | NANOFLOW_CACHE_DIR | root of nanoflow's caches (profiles, plans, C++ builds, converted models, disk KV tier) |
 | XDG_CACHE_HOME | where the cache root defaults to `<XDG_CACHE_HOME>/nanoflow` (else ~/.cache/nanoflow) |
+| NANOFLOW_HUGE_PAGES | `0`: leave the CPU KV cache and packed weights on 4 KB pages (kernels/host_memory.py) |
 | NANOFLOW_CUDA_GRAPHS | `0`: run CUDA steps eagerly instead of as CUDA graphs |
 | NANOFLOW_SM_PARTITION | how CUDA execution units split the SMs when the plan does not say (auto, or a mechanism) |
 | NANOFLOW_TRACES | directory of the benchmark request traces (else ../shared/traces) |
@@ -37,6 +38,10 @@ def cache_dir(kind: str = "") -> str:
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     root = os.environ.get("NANOFLOW_CACHE_DIR") or os.path.join(xdg, "nanoflow")
     return os.path.join(root, kind) if kind else root
+
+
+def huge_pages() -> bool:
+    return os.environ.get("NANOFLOW_HUGE_PAGES", "1") != "0"
 
 
 def cuda_graphs() -> bool:

@@ -13,6 +13,7 @@ from nanoflow.engine.sampler import SampleResult, SampleRow, Sampler
 from nanoflow.engine.scheduler import ScheduledBatch
 from nanoflow.engine.transfer import host_to_device
 from nanoflow.flow.executor import make_executor
+from nanoflow.kernels import host_memory
 from nanoflow.kernels import cpu_ext
 from nanoflow.kernels.attention import AttentionMetadata, PrefillChunk
 from nanoflow.models.config import ModelConfig
@@ -98,7 +99,9 @@ class ModelRunner:
         self.executor = make_executor(config.executor, config.plan, self.model, self.device, config.dense_batch,
                                       config.cpp_kernels and config.cpp_decode_stack)
         shape = (2, num_blocks, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.cfg.num_layers)]
+        self.kv_caches = [host_memory.zeros(shape, self.dtype) if self.device.type == "cpu"
+                          else torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.cfg.num_layers)]
         self.k_packed = self._packs_k(config)
         self.sampler = Sampler(config.seed, self.device)
         self._step_id = 0

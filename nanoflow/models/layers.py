@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoflow.kernels import cpu_ext
+from nanoflow.kernels import cpu_ext, host_memory
 
 
 def _fused_ext(x: torch.Tensor):
@@ -148,7 +148,8 @@ def pack_weight(w: torch.Tensor, m_hint: int, kind: str = "onednn", glu: bool = 
         panels = -(-n // 64)
         padded = w.new_zeros(panels * 64, k)
         padded[:n] = rows
-        return PackedWeight(kind, padded.view(panels, 64, k // 2, 2).permute(0, 2, 1, 3).contiguous(), w, glu)
+        layout = padded.view(panels, 64, k // 2, 2).permute(0, 2, 1, 3)
+        return PackedWeight(kind, host_memory.empty(layout.shape, w.dtype).copy_(layout), w, glu)
     return PackedWeight("onednn", torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), m_hint), w)
 
 

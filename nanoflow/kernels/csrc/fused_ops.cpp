@@ -209,7 +209,9 @@ void write_kv_packed(torch::Tensor kv_cache, torch::Tensor k, torch::Tensor v, t
   auto* kd = reinterpret_cast<uint32_t*>(kv_cache.data_ptr());
   uint32_t* vd = kd + nb * page;
   const int64_t k_row = k.stride(0) / 2, v_row = v.stride(0) / 2;  // in pairs
-  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+  // A token's K pairs land on H * D / 2 different cache lines (read for ownership, often from DRAM): latency
+  // bound, so both threads take part even for a decode step's few dozen tokens.
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t blk = sp[t] / bs, off = sp[t] % bs;
       const uint32_t* kr = ks + t * k_row;
