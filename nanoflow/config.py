@@ -72,6 +72,7 @@ class EngineConfig:
     cpp_kernels: bool = True  # C++ CPU kernels (decode attention, fused norm/rope/silu, argmax); off: pure torch
     packed_gemm: bool = True  # prepacked weights for bf16 GEMMs on a CPU (layers.packed_gemm_supported)
     cpp_gemm: bool = True  # those GEMMs in the C++ panel kernel (kernels/csrc/gemm_bf16.cpp); off: oneDNN's
+    fused_greedy_head: bool = True  # CPU: plain greedy steps take tokens from the LM head GEMM's running argmax
     cpp_decode_stack: bool = True  # CPU: an all-decode step's layers in one C++ call (flow/cpp_stack.py)
     batch_invariant: bool = False  # greedy output independent of batch-mates (kernels/batch_invariant.py; CPU)
     paged_prefill: bool = True  # CPU: prefill attention of short contexts through the paged C++ kernel, one call
@@ -167,6 +168,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cpp-gemm", dest="cpp_gemm", action="store_false",
                    help="oneDNN instead of the C++ GEMM for prepacked bf16 weights on an AVX512-BF16 CPU (ablation: "
                         "the C++ kernel is 1.1-1.4x oneDNN at decode batches of 1-128 rows)")
+    g.add_argument("--no-fused-greedy-head", dest="fused_greedy_head", action="store_false",
+                   help="CPU (C++ panel GEMM): compute the logits and then their argmax for plain greedy steps instead "
+                        "of one LM-head kernel that keeps a running argmax (ablation; the tokens are the same)")
     g.add_argument("--no-cpp-decode-stack", dest="cpp_decode_stack", action="store_false",
                    help="CPU: run an all-decode step's layers from Python op by op instead of one C++ call of the "
                         "same kernels (ablation; the tokens are the same)")

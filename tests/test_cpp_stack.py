@@ -60,3 +60,15 @@ def test_models_and_steps_it_does_not_fit():
     assert stack_tensors(onednn.engine.runner.model) is None
     nano = LLM("default", dtype="bfloat16", executor="nanobatch")
     assert not isinstance(nano.engine.runner.executor, CppDecodeStack)
+
+
+def test_trace_of_the_sequential_executor_still_records_every_operation(tmp_path):
+    """Tracing times each nano-op: traced steps run the Python forward (the wrapper passes trace settings on)."""
+    import json
+
+    from nanoflow.cli import main
+    out = tmp_path / "trace"
+    assert main(["trace", "--executor", "sequential", "--dtype", "bfloat16", "--dense-batch", "16",
+                 "--num-requests", "6", "--prompt-len", "8", "--warmup-steps", "3", "--out", str(out)]) == 0
+    events = json.load(open(out / "trace.json"))["traceEvents"]
+    assert {"qkv", "decode_attn", "gate_up", "down"} <= {e["name"].split("#")[0] for e in events if e["ph"] == "X"}

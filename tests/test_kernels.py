@@ -206,3 +206,27 @@ def test_panel_gemm_glu_matches_silu_of_float32(m):
     torch.testing.assert_close(got, silu_and_mul(packed_linear(x, pack_weight(w, m, "panels"))), **TOL[torch.bfloat16])
     with cpu_ext.switched(False):
         torch.testing.assert_close(packed_linear(x, packed), got, **TOL[torch.bfloat16])
+
+
+@_panels
+@pytest.mark.parametrize("m, n", [(1, 4100), (7, 130), (64, 49152 // 8), (131, 700)])
+def test_panel_gemm_argmax_is_argmax_of_its_logits(m, n):
+    """The fused LM head + argmax returns what argmax_rows picks from gemm_bf16's bf16 output, first maximum
+    included: ties are forced by duplicated weight rows (in other panels, hence other threads' runs, and in the
+    same panel), for row-tile remainders, a partial last panel and row blocks."""
+    from nanoflow.models.layers import pack_weight, packed_linear
+    gen = torch.Generator().manual_seed(n)
+    k = 64
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    hot = torch.randint(0, n, (8,), generator=gen)
+    top = w[hot[0]].abs() * 4
+    w[hot] = top  # eight equal rows whose products with x (positive) beat every other row's: a tie for the maximum
+    w[n - 1] = top  # ... one of them in the partial last panel
+    x = torch.randn(m, k, generator=gen).abs().to(torch.bfloat16)
+    x[0] = -x[0]  # except row 0: its maximum is elsewhere
+    packed = pack_weight(w, m, "panels")
+    logits = packed_linear(x, packed)
+    want = ext.argmax_rows(logits)
+    assert torch.equal(want, logits.float().argmax(dim=-1))  # torch's tie rule: the first maximum
+    assert torch.equal(ext.gemm_bf16_argmax(x, packed.data, n), want)
+    assert (want[1:] == min(hot.min().item(), n - 1)).all()  # the ties were real

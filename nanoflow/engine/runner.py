@@ -13,8 +13,7 @@ from nanoflow.engine.sampler import SampleResult, SampleRow, Sampler
 from nanoflow.engine.scheduler import ScheduledBatch
 from nanoflow.engine.transfer import host_to_device
 from nanoflow.flow.executor import make_executor
-from nanoflow.kernels import host_memory
-from nanoflow.kernels import cpu_ext
+from nanoflow.kernels import cpu_ext, host_memory
 from nanoflow.kernels.attention import AttentionMetadata, PrefillChunk
 from nanoflow.models.config import ModelConfig
 from nanoflow.profiling import region
@@ -95,6 +94,7 @@ class ModelRunner:
         self.device = next(self.model.parameters()).device
         self.tp = tp_group  # tensor parallelism: rank 0 sends each step to the workers and samples
         self.cpp_kernels = config.cpp_kernels  # this engine's C++ CPU kernel switch (every step runs under it)
+        self.fused_greedy_head = config.fused_greedy_head  # plain greedy steps: LM head + argmax in one kernel
         # How each step's layers run (nanoflow/flow): called like the model, returns the final hidden states.
         self.executor = make_executor(config.executor, config.plan, self.model, self.device, config.dense_batch,
                                       config.cpp_kernels and config.cpp_decode_stack)
@@ -201,6 +201,11 @@ class ModelRunner:
             if not len(inp.sample_indices):
                 self._prev_tokens = None
                 return None
+            if self.fused_greedy_head and Sampler.plain_greedy(inp.sampling_rows):
+                tokens = self.model.greedy_tokens(hidden[inp.sample_indices])  # None: no panel-packed head
+                if tokens is not None:
+                    self._prev_tokens = tokens
+                    return SampleResult(tokens, [None] * len(inp.sampling_rows))
             logits = self.model.compute_logits(hidden[inp.sample_indices])
             if logits is None:  # a tensor-parallel worker: rank 0 samples, the tokens come from there
                 self._prev_tokens = self.tp.broadcast_tokens(None, len(inp.sample_indices))

@@ -72,12 +72,17 @@ class Sampler:
         self._generators.pop(req.request_id, None)
         self._grammars.release(req.request_id)
 
+    @staticmethod
+    def plain_greedy(rows: list[SampleRow]) -> bool:
+        """Every row takes the first maximum of its raw logits: no logprobs, penalties, logit processing or
+        grammar (the runner may then take the tokens from a fused LM head + argmax, never forming the logits)."""
+        return all(_plain_greedy(r) and r.params._grammar is None for r in rows)
+
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow], input_ids: torch.Tensor) -> SampleResult:
         """`input_ids` (the step's resolved input tokens) supplies the newest token of a row whose history
         ends in a token the engine has not read back yet (async scheduling)."""
         constrained = [i for i, r in enumerate(rows) if r.params._grammar is not None]
-        if all(r.params.greedy and r.params.logprobs is None and not r.params.needs_penalties
-               and not r.params.needs_logits_processing for r in rows):
+        if all(_plain_greedy(r) for r in rows):
             if constrained:  # only the constrained rows leave the fast path
                 return self._greedy_constrained(logits, rows, constrained)
             return SampleResult(_argmax(logits), [None] * len(rows))  # the throughput-job path
@@ -159,6 +164,11 @@ class Sampler:
 def _to(device: torch.device, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
     """A host list as a tensor on `device` (not torch.tensor(..., device=cuda): that one syncs)."""
     return host_to_device(torch.tensor(values, dtype=dtype), device)
+
+
+def _plain_greedy(row: SampleRow) -> bool:
+    p = row.params
+    return p.greedy and p.logprobs is None and not p.needs_penalties and not p.needs_logits_processing
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:

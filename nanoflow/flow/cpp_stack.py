@@ -37,6 +37,14 @@ class CppDecodeStack:
     def trace(self, value) -> None:
         self.executor.trace = value
 
+    @property
+    def trace_steps(self):  # a plain attribute here would shadow the list the executor appends to
+        return self.executor.trace_steps
+
+    @trace_steps.setter
+    def trace_steps(self, value) -> None:
+        self.executor.trace_steps = value
+
     @torch.inference_mode()
     def __call__(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
         layers = self._stack_tensors() if self._takes(input_ids, meta) else None

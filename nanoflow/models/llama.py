@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from nanoflow.flow.ops import Operation, StepState, final_hidden, layer_operations, run_op
+from nanoflow.kernels import cpu_ext
 from nanoflow.kernels.attention import AttentionMetadata, write_kv
 from nanoflow.models.config import ModelConfig
 from nanoflow.models.layers import Linear, PackedWeight, RMSNorm, RopeInputs, RotaryEmbedding, logits_linear, \
@@ -136,6 +137,16 @@ class LlamaForCausalLM(nn.Module):
 
     def head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Each row's greedy token straight from a panel-packed LM head (the C++ GEMM keeps a running argmax of
+        its bf16 outputs: the tokens argmax_rows picks from compute_logits, without storing the logits), or None
+        when the head is not panel-packed here (one device, not batch-invariant, C++ kernels on)."""
+        head = self.packed_head
+        if head is None or head.kind != "panels" or self.tp is not None or self.batch_invariant:
+            return None
+        ext = cpu_ext.get()
+        return None if ext is None else ext.gemm_bf16_argmax(hidden, head.data, head.weight.shape[0])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits over the whole vocabulary; under TP gathered on rank 0, which samples (None elsewhere)."""

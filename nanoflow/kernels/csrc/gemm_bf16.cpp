@@ -29,7 +29,13 @@ struct GemmArgs {
   c10::BFloat16* y;
   int64_t ldy;
   bool glu;
+  bool local = false;  // y is one tile's [MR][64] scratch (gemm_bf16_argmax), not the [M, N] output
 };
+
+// Where row r, column c of the tile at rows m0 / panel columns n0 goes.
+inline int64_t out_at(const GemmArgs& g, int64_t m0, int r, int64_t n0, int64_t c) {
+  return g.local ? r * NR + (c - n0) : (m0 + r) * g.ldy + c;
+}
 
 // Rows [m0, m0 + R) x panel `n`. Meanwhile prefetches this tile's share (slice `part` of `parts`) of the next
 // panel into L2, so that panel streams from DRAM while this one is reused from cache.
@@ -71,7 +77,7 @@ void tile(const GemmArgs& g, int64_t m0, int64_t n, const char* next, int64_t pa
     if (c >= g.N) break;
     const __mmask16 k = tail_mask(g.N - c);
     const __m512 bias = g.bias != nullptr ? load_bf16(g.bias + c, k) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) store_bf16(g.y + (m0 + r) * g.ldy + c, _mm512_add_ps(acc[r][j], bias), k);
+    for (int r = 0; r < R; ++r) store_bf16(g.y + out_at(g, m0, r, n0, c), _mm512_add_ps(acc[r][j], bias), k);
   }
 }
 
@@ -84,6 +90,53 @@ void run_tile(const GemmArgs& g, int64_t m0, int64_t n, const char* next, int64_
     case 4: tile<4, GLU>(g, m0, n, next, part, parts); break;
     case 5: tile<5, GLU>(g, m0, n, next, part, parts); break;
     default: tile<6, GLU>(g, m0, n, next, part, parts); break;
+  }
+}
+
+// Work items: (row block, panel, row tile), each thread a contiguous run: a panel is shared by at most two
+// threads, and each thread prefetches the panel after its current one. Row blocks of MB rows keep a block's x
+// rows in L2 while every panel passes (prefill-sized M). fn(part, m0, n, next, t, tiles): one tile, on the
+// thread's run `part` (< at::get_num_threads()).
+template <typename F>
+void for_each_tile(const GemmArgs& g, int64_t panels, F fn) {
+  const int64_t M = g.M, MB = MR * 20, blocks = (M + MB - 1) / MB;
+  std::vector<int64_t> first(blocks + 1, 0);  // first item of each row block
+  for (int64_t bl = 0; bl < blocks; ++bl)
+    first[bl + 1] = first[bl] + panels * ((std::min(MB, M - bl * MB) + MR - 1) / MR);
+  const int64_t items = first[blocks];
+  if (items == 0) return;
+  const int64_t parts = std::min<int64_t>(items, at::get_num_threads());
+  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t part = pb; part < pe; ++part) {
+      const int64_t begin = items * part / parts, end = items * (part + 1) / parts;
+      for (int64_t i = begin, bl = 0; i < end; ++i) {
+        while (i >= first[bl + 1]) ++bl;
+        const int64_t tiles = (first[bl + 1] - first[bl]) / panels, j = i - first[bl];
+        const int64_t n = j / tiles, t = j % tiles;
+        const bool more = n + 1 < panels && first[bl] + (n + 1) * tiles < end;  // this thread does panel n + 1
+        const char* next = more ? reinterpret_cast<const char*>(g.w + (n + 1) * g.kp * NR * 2) : nullptr;
+        fn(part, bl * MB + t * MR, n, next, t, tiles);
+      }
+    }
+  });
+}
+
+// Folds a tile's bf16 outputs (scratch [rows][64], panel columns from n0) into each row's running maximum and its
+// first column. NaN never wins (as in argmax_rows); a later equal value does not displace an earlier column.
+void argmax_tile(const c10::BFloat16* s, int64_t rows, int64_t n0, int64_t N, float* best, int64_t* arg) {
+  const int64_t cols = std::min<int64_t>(NR, N - n0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const c10::BFloat16* row = s + r * NR;
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 k = tail_mask(cols - c);
+      const __m512 v = load_bf16(row + c, k);
+      m = _mm512_mask_max_ps(m, k & _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), m, v);
+    }
+    const float v = _mm512_reduce_max_ps(m);
+    if (!(v > best[r])) continue;
+    for (int64_t c = 0; c < cols; ++c)
+      if (static_cast<float>(row[c]) == v) { best[r] = v; arg[r] = n0 + c; break; }
   }
 }
 
@@ -125,30 +178,47 @@ torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w_packed, int64_t N, c10:
   GemmArgs g{reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0), M, N, kp,
              reinterpret_cast<const uint16_t*>(w_packed.data_ptr()),
              b.defined() ? b.data_ptr<c10::BFloat16>() : nullptr, y.data_ptr<c10::BFloat16>(), y.stride(0), glu};
-  // Work items: (row block, panel, row tile), each thread a contiguous run: a panel is shared by at most two
-  // threads, and each thread prefetches the panel after its current one. Row blocks of MB rows keep a block's x
-  // rows in L2 while every panel passes (prefill-sized M).
-  const int64_t MB = MR * 20, blocks = (M + MB - 1) / MB;
-  std::vector<int64_t> first(blocks + 1, 0);  // first item of each row block
-  for (int64_t bl = 0; bl < blocks; ++bl)
-    first[bl + 1] = first[bl] + panels * ((std::min(MB, M - bl * MB) + MR - 1) / MR);
-  const int64_t items = first[blocks];
-  if (items == 0) return y;
-  const int64_t parts = std::min<int64_t>(items, at::get_num_threads());
-  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
-    for (int64_t part = pb; part < pe; ++part) {
-      const int64_t begin = items * part / parts, end = items * (part + 1) / parts;
-      for (int64_t i = begin, bl = 0; i < end; ++i) {
-        while (i >= first[bl + 1]) ++bl;
-        const int64_t tiles = (first[bl + 1] - first[bl]) / panels, j = i - first[bl];
-        const int64_t n = j / tiles, t = j % tiles;
-        const bool more = n + 1 < panels && first[bl] + (n + 1) * tiles < end;  // this thread does panel n + 1
-        const char* next = more ? reinterpret_cast<const char*>(g.w + (n + 1) * kp * NR * 2) : nullptr;
-        if (g.glu) run_tile<true>(g, bl * MB + t * MR, n, next, t, tiles);
-        else run_tile<false>(g, bl * MB + t * MR, n, next, t, tiles);
-      }
-    }
+  for_each_tile(g, panels, [&](int64_t, int64_t m0, int64_t n, const char* next, int64_t t, int64_t tiles) {
+    if (g.glu) run_tile<true>(g, m0, n, next, t, tiles);
+    else run_tile<false>(g, m0, n, next, t, tiles);
   });
 #endif
   return y;
+}
+
+// Greedy tokens straight from the LM head: per row of x W^T, the first column of the largest bf16-rounded value -
+// what argmax_rows returns on gemm_bf16's output, without writing and re-reading the [M, N] logits (25 MB a step
+// at 256 rows of a 49152-token vocabulary). Each tile goes through a [6][64] scratch; each thread keeps its rows'
+// running maxima over its panels, merged in thread order (runs cover increasing panels).
+torch::Tensor gemm_bf16_argmax(torch::Tensor x, torch::Tensor w_packed, int64_t N) {
+  TORCH_CHECK(gemm_bf16_supported(), "gemm_bf16_argmax needs an AVX512-BF16 build");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && w_packed.scalar_type() == at::kBFloat16,
+              "gemm_bf16_argmax: x [M, K] and packed weights in bfloat16");
+  if (x.stride(1) != 1 || x.stride(0) % 2 != 0) x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), kp = w_packed.size(1), panels = w_packed.size(0);
+  TORCH_CHECK(w_packed.is_contiguous() && w_packed.size(2) == 64 && w_packed.size(3) == 2 && kp == (K + 1) / 2 &&
+              K % 2 == 0 && N > 0 && panels * 64 >= N && (panels - 1) * 64 < N,
+              "gemm_bf16_argmax: packed weights do not match x or N");
+  auto tokens = torch::zeros({M}, x.options().dtype(torch::kLong));
+#ifdef NANOFLOW_AVX512BF16
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> best(threads * M, -INFINITY);
+  std::vector<int64_t> arg(threads * M, 0);
+  std::vector<std::vector<c10::BFloat16>> scratch(threads, std::vector<c10::BFloat16>(MR * NR));
+  GemmArgs g{reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0), M, N, kp,
+             reinterpret_cast<const uint16_t*>(w_packed.data_ptr()), nullptr, nullptr, NR, false, true};
+  for_each_tile(g, panels, [&](int64_t part, int64_t m0, int64_t n, const char* next, int64_t t, int64_t tiles) {
+    GemmArgs gt = g;
+    gt.y = scratch[part].data();
+    run_tile<false>(gt, m0, n, next, t, tiles);
+    argmax_tile(gt.y, std::min(MR, M - m0), n * NR, N, best.data() + part * M + m0, arg.data() + part * M + m0);
+  });
+  int64_t* out = tokens.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m) {
+    float b = -INFINITY;
+    for (int64_t p = 0; p < threads; ++p)
+      if (best[p * M + m] > b) { b = best[p * M + m]; out[m] = arg[p * M + m]; }
+  }
+#endif
+  return tokens;
 }
