@@ -36,6 +36,9 @@ class AttentionMetadata:
     decode_max_len: int = 0
     prefills: list[PrefillChunk] = field(default_factory=list)
     k_packed: bool = False  # the K pages' layout (module docstring)
+    # attend_prefill_rows' inputs, built by the first layer and reused by the others (a step's metadata is the
+    # same for every layer; keyed by the chunks, which hold their block tables alive)
+    rows_inputs: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
@@ -72,7 +75,7 @@ def attend_prefill(out, q, k, v, kv_cache, meta: AttentionMetadata, scale: float
     if paged and chunks and q.device.type == "cpu" and cpu_ext.get() is not None:
         short = [p for p in chunks if p.ctx_len <= PAGED_PREFILL_MAX_CONTEXT]
         if short:
-            attend_prefill_rows(out, q, kv_cache, short, scale, meta.k_packed)
+            attend_prefill_rows(out, q, kv_cache, short, scale, meta.k_packed, meta.rows_inputs)
             chunks = [p for p in chunks if p.ctx_len > PAGED_PREFILL_MAX_CONTEXT]
     for p in chunks:
         rows = slice(p.q_start, p.q_start + p.q_len)
@@ -80,12 +83,25 @@ def attend_prefill(out, q, k, v, kv_cache, meta: AttentionMetadata, scale: float
 
 
 def attend_prefill_rows(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, chunks: list[PrefillChunk],
-                        scale: float, k_packed: bool = False) -> None:
+                        scale: float, k_packed: bool = False, cache: dict | None = None) -> None:
     """Each prefill row of `chunks` as one decode-style query over the cache up to its own position (the
     chunk's KV is already written), all in one call: a row's result depends on nothing but its context, so
-    neither batch-mates nor chunking change it."""
+    neither batch-mates nor chunking change it. `cache` (AttentionMetadata.rows_inputs): the step's row
+    tables, built once for all layers."""
     if not chunks:
         return
+    key = tuple((p.q_start, p.q_len, p.ctx_len, id(p.block_table)) for p in chunks)
+    inputs = cache.get(key) if cache is not None else None
+    if inputs is None:
+        inputs = _rows_inputs(chunks)
+        if cache is not None:
+            cache[key] = inputs
+    rows, tables, lens = inputs
+    out[rows] = rows_attention(q[rows], kv_cache, tables, lens, scale, k_packed)
+
+
+def _rows_inputs(chunks: list[PrefillChunk]):
+    """(rows of the step, a block table per row, a context length per row) of the chunks' query rows."""
     width = max(p.block_table.shape[0] for p in chunks)
     tables, lens = [], []
     for p in chunks:
@@ -96,7 +112,7 @@ def attend_prefill_rows(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tens
     contiguous = all(a.q_start + a.q_len == b.q_start for a, b in zip(chunks, chunks[1:]))
     rows = slice(first, last) if contiguous else \
         torch.cat([torch.arange(p.q_start, p.q_start + p.q_len) for p in chunks])
-    out[rows] = rows_attention(q[rows], kv_cache, torch.cat(tables), torch.cat(lens), scale, k_packed)
+    return rows, torch.cat(tables), torch.cat(lens)
 
 
 def rows_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

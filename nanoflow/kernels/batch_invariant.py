@@ -46,4 +46,4 @@ def attend_prefill(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, m
                    scale: float) -> None:
     """The prefill rows of `out`, each a decode-style query over the cache up to its own position, whatever
     the context length (the default path sends long contexts to SDPA)."""
-    attend_prefill_rows(out, q, kv_cache, meta.prefills, scale, meta.k_packed)
+    attend_prefill_rows(out, q, kv_cache, meta.prefills, scale, meta.k_packed, meta.rows_inputs)
