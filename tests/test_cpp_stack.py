@@ -1,5 +1,6 @@
-"""All-decode CPU steps in one C++ call (flow/cpp_stack.py): the same hidden states as the Python forward, bit
-for bit, and the Python forward for every step or model it does not fit."""
+"""CPU fast paths that must not change results: all-decode steps in one C++ call (flow/cpp_stack.py), the same
+hidden states as the Python forward bit for bit (and the Python forward for every step or model it does not
+fit); greedy tokens straight from the LM-head kernel, the same as logits then argmax."""
 import pytest
 import torch
 
@@ -72,3 +73,17 @@ def test_trace_of_the_sequential_executor_still_records_every_operation(tmp_path
                  "--num-requests", "6", "--prompt-len", "8", "--warmup-steps", "3", "--out", str(out)]) == 0
     events = json.load(open(out / "trace.json"))["traceEvents"]
     assert {"qkv", "decode_attn", "gate_up", "down"} <= {e["name"].split("#")[0] for e in events if e["ph"] == "X"}
+
+
+def test_fused_greedy_head_same_tokens_as_logits_then_argmax(bf16_llm):
+    """Plain greedy steps take their tokens from the LM-head kernel's running argmax (the default with the C++
+    GEMM); a batch mixing in a logprobs request takes the logits path for that step. Same tokens either way."""
+    model = bf16_llm.engine.runner.model
+    assert model.greedy_tokens(model.embed_tokens.weight[:3].contiguous()) is not None  # the fused path exists here
+    plain = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    fused = bf16_llm.generate(PROMPTS, plain, use_tqdm=False)
+    mixed = bf16_llm.generate(PROMPTS, [plain] * 3 + [SamplingParams(temperature=0.0, max_tokens=16,
+                                                                     ignore_eos=True, logprobs=1)], use_tqdm=False)
+    unfused = LLM("default", dtype="bfloat16", fused_greedy_head=False).generate(PROMPTS, plain, use_tqdm=False)
+    tokens = [o.outputs[0].token_ids for o in fused]
+    assert tokens == [o.outputs[0].token_ids for o in unfused] == [o.outputs[0].token_ids for o in mixed]
