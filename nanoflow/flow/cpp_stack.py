@@ -80,8 +80,8 @@ def stack_tensors(model) -> list[torch.Tensor] | None:
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         linears = (attn.qkv_proj.packed, attn.o_proj.packed, mlp.gate_up_proj.packed, mlp.down_proj.packed)
-        if any(p is None or p.kind != "panels" for p in linears) or [p.glu for p in linears] != [False, False, True, False] \
-                or attn.o_proj.bias is not None or mlp.down_proj.bias is not None:
+        if any(p is None or p.kind != "panels" for p in linears) or attn.o_proj.bias is not None \
+                or [p.glu for p in linears] != [False, False, True, False] or mlp.down_proj.bias is not None:
             return None
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
         if any(w.dtype != torch.bfloat16 for w in norms):
