@@ -13,37 +13,19 @@ from __future__ import annotations
 
 import torch
 
+from nanoflow.flow.executor import ExecutorWrapper
 from nanoflow.kernels import cpu_ext
 from nanoflow.kernels.attention import AttentionMetadata
 
 TENSORS_PER_LAYER = 7  # decode_stack.cpp's kPerLayer
 
 
-class CppDecodeStack:
+class CppDecodeStack(ExecutorWrapper):
     """Wraps a sequential executor (`executor(input_ids, positions, meta, kv_caches) -> hidden`)."""
 
     def __init__(self, executor) -> None:
-        self.executor = executor
+        super().__init__(executor)
         self._layers: list[torch.Tensor] | None = None  # per-layer tensors, collected on first use
-
-    def __getattr__(self, name):  # plan, close, trace_steps, ... of the wrapped executor
-        return getattr(self.executor, name)
-
-    @property
-    def trace(self):
-        return self.executor.trace
-
-    @trace.setter
-    def trace(self, value) -> None:
-        self.executor.trace = value
-
-    @property
-    def trace_steps(self):  # a plain attribute here would shadow the list the executor appends to
-        return self.executor.trace_steps
-
-    @trace_steps.setter
-    def trace_steps(self, value) -> None:
-        self.executor.trace_steps = value
 
     @torch.inference_mode()
     def __call__(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import Hashable
 
 import torch
 
+from nanoflow.flow.executor import ExecutorWrapper
 from nanoflow.kernels.attention import AttentionMetadata, PrefillChunk
 
 log = logging.getLogger(__name__)
@@ -106,35 +107,17 @@ def _static_meta(meta: AttentionMetadata, key: GraphKey, block_size: int, device
     return out
 
 
-class GraphedStep:
+class GraphedStep(ExecutorWrapper):
     """Wraps an executor (`executor(input_ids, positions, meta, kv_caches) -> hidden`) with CUDA-graph replay."""
 
     def __init__(self, executor, plan_id: str | None = None, capacity: int = 16) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA graphs need a GPU: torch.cuda.is_available() is False")
-        self.executor, self.disabled = executor, False
+        super().__init__(executor)
+        self.disabled = False
         self.plan_id = plan_id or plan_fingerprint(executor.plan)
         self.cache = GraphCache(capacity)
         self.pool = torch.cuda.graph_pool_handle()  # graphs replay one at a time: one memory pool
-
-    def __getattr__(self, name):  # plan, close, ... of the wrapped executor
-        return getattr(self.executor, name)
-
-    @property
-    def trace(self):
-        return self.executor.trace
-
-    @trace.setter
-    def trace(self, value) -> None:
-        self.executor.trace = value
-
-    @property
-    def trace_steps(self):  # a plain attribute here would shadow the list the executor appends to
-        return self.executor.trace_steps
-
-    @trace_steps.setter
-    def trace_steps(self, value) -> None:
-        self.executor.trace_steps = value
 
     def key(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> GraphKey:
         width = 0 if meta.decode_block_tables is None else meta.decode_block_tables.shape[1]

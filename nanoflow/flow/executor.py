@@ -126,6 +126,34 @@ class Executor:
         pass
 
 
+class ExecutorWrapper:
+    """Base of the wrappers that change how some steps run (CUDA graphs: `cuda_graphs.GraphedStep`; the CPU
+    decode stack: `cpp_stack.CppDecodeStack`): called like the executor; attribute reads (plan, close, ...) and
+    the trace settings go through to the wrapped one."""
+
+    def __init__(self, executor) -> None:
+        self.executor = executor
+
+    def __getattr__(self, name):
+        return getattr(self.executor, name)
+
+    @property
+    def trace(self):
+        return self.executor.trace
+
+    @trace.setter
+    def trace(self, value) -> None:
+        self.executor.trace = value
+
+    @property
+    def trace_steps(self):  # a plain attribute here would shadow the list the executor appends to
+        return self.executor.trace_steps
+
+    @trace_steps.setter
+    def trace_steps(self, value) -> None:
+        self.executor.trace_steps = value
+
+
 class SingleUnitExecutor(Executor):
     """sequential and nanobatch: one issuer (the calling thread) runs one layer's nano-ops in a fixed order."""
 
