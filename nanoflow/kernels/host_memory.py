@@ -10,6 +10,7 @@ keeps the mapping alive. Elsewhere (not Linux, small tensors, NANOFLOW_HUGE_PAGE
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import sys
 
@@ -22,10 +23,8 @@ HUGE_PAGE = 2 << 20
 
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor, on huge pages where possible (tensors of 4 MB or more)."""
-    numel = 1
-    for n in shape:
-        numel *= int(n)
-    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
     if nbytes < 2 * HUGE_PAGE or not env.huge_pages() or not sys.platform.startswith("linux") \
             or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype)

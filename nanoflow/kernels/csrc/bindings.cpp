@@ -35,7 +35,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_bf16", &gemm_bf16, "x W^T (+ b) against weights packed in 64-column panels", py::arg("x"),
         py::arg("w_packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("out") = py::none(),
         py::arg("glu") = false, nogil());
-  m.def("decode_stack", &decode_stack, "a decode step's layer stack (flow/cpu_graph.py)", nogil());
+  m.def("decode_stack", &decode_stack, "a decode step's layer stack (flow/cpp_stack.py)", nogil());
   m.def("gemm_bf16_argmax", &gemm_bf16_argmax, "row-wise argmax of x W^T (bf16-rounded) against 64-column panels",
         nogil());
   m.def("rope_inplace", &rope_inplace, "rotate-half RoPE in place on q and k heads", nogil());

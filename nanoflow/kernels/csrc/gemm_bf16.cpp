@@ -151,21 +151,31 @@ bool gemm_bf16_supported() {
 #endif
 }
 
+namespace {
+// The checks gemm_bf16 and gemm_bf16_argmax share: x [M, K] bf16, K even, its rows made contiguous if they are
+// not; w_packed bf16 panels for K and N columns (GLU packing: N / 32 panels). Returns x.
+torch::Tensor checked_x(torch::Tensor x, const torch::Tensor& w_packed, int64_t N, bool glu, const char* name) {
+  TORCH_CHECK(gemm_bf16_supported(), name, " needs an AVX512-BF16 build");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && w_packed.scalar_type() == at::kBFloat16,
+              name, ": x [M, K] and packed weights in bfloat16");
+  if (x.stride(1) != 1 || x.stride(0) % 2 != 0) x = x.contiguous();
+  const int64_t K = x.size(1), kp = w_packed.size(1), panels = w_packed.size(0);
+  TORCH_CHECK(w_packed.is_contiguous() && w_packed.size(2) == 64 && w_packed.size(3) == 2 && kp == (K + 1) / 2 &&
+              (glu ? panels * 32 == N : panels * 64 >= N && (panels - 1) * 64 < N),
+              name, ": packed weights do not match x or N");
+  TORCH_CHECK(K % 2 == 0, name, ": K must be even");
+  return x;
+}
+}  // namespace
+
 // x [M, K] bf16 (rows contiguous); w_packed [N / 64, K / 2, 64, 2] bf16 (see above); bias [N] bf16 or None;
 // out: [M, N] bf16 rows to write into (unit column stride), else a new tensor. glu: w_packed in GLU packing
 // (N / 32 panels, no bias), the result silu(gate) * up [M, N].
 torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w_packed, int64_t N, c10::optional<torch::Tensor> bias,
                         c10::optional<torch::Tensor> out, bool glu) {
-  TORCH_CHECK(gemm_bf16_supported(), "gemm_bf16 needs an AVX512-BF16 build");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && w_packed.scalar_type() == at::kBFloat16,
-              "gemm_bf16: x [M, K] and packed weights in bfloat16");
-  if (x.stride(1) != 1 || x.stride(0) % 2 != 0) x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), kp = w_packed.size(1), panels = w_packed.size(0);
-  TORCH_CHECK(w_packed.is_contiguous() && w_packed.size(2) == 64 && w_packed.size(3) == 2 && kp == (K + 1) / 2 &&
-              (glu ? panels * 32 == N : panels * 64 >= N && (panels - 1) * 64 < N),
-              "gemm_bf16: packed weights do not match x or N");
+  x = checked_x(x, w_packed, N, glu, "gemm_bf16");
+  const int64_t M = x.size(0), kp = w_packed.size(1), panels = w_packed.size(0);
   TORCH_CHECK(!glu || !(bias.has_value() && bias->defined()), "gemm_bf16: no bias with glu");
-  TORCH_CHECK(K % 2 == 0, "gemm_bf16: K must be even");
   torch::Tensor y = out.has_value() && out->defined() ? *out : torch::empty({M, N}, x.options());
   TORCH_CHECK(y.scalar_type() == at::kBFloat16 && y.dim() == 2 && y.size(0) == M && y.size(1) == N &&
               (y.stride(1) == 1 || N == 1), "gemm_bf16: out must be [M, N] bf16 with unit column stride");
@@ -191,14 +201,9 @@ torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w_packed, int64_t N, c10:
 // at 256 rows of a 49152-token vocabulary). Each tile goes through a [6][64] scratch; each thread keeps its rows'
 // running maxima over its panels, merged in thread order (runs cover increasing panels).
 torch::Tensor gemm_bf16_argmax(torch::Tensor x, torch::Tensor w_packed, int64_t N) {
-  TORCH_CHECK(gemm_bf16_supported(), "gemm_bf16_argmax needs an AVX512-BF16 build");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && w_packed.scalar_type() == at::kBFloat16,
-              "gemm_bf16_argmax: x [M, K] and packed weights in bfloat16");
-  if (x.stride(1) != 1 || x.stride(0) % 2 != 0) x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), kp = w_packed.size(1), panels = w_packed.size(0);
-  TORCH_CHECK(w_packed.is_contiguous() && w_packed.size(2) == 64 && w_packed.size(3) == 2 && kp == (K + 1) / 2 &&
-              K % 2 == 0 && N > 0 && panels * 64 >= N && (panels - 1) * 64 < N,
-              "gemm_bf16_argmax: packed weights do not match x or N");
+  TORCH_CHECK(N > 0, "gemm_bf16_argmax: N must be positive");
+  x = checked_x(x, w_packed, N, false, "gemm_bf16_argmax");
+  const int64_t M = x.size(0), kp = w_packed.size(1), panels = w_packed.size(0);
   auto tokens = torch::zeros({M}, x.options().dtype(torch::kLong));
 #ifdef NANOFLOW_AVX512BF16
   const int64_t threads = at::get_num_threads();
