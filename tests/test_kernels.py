@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoflow.kernels import cpu_ext
-from nanoflow.kernels.attention import decode_attention_torch
+from nanoflow.kernels.attention import decode_attention_torch, pack_kv
 from nanoflow.models.layers import RotaryEmbedding, apply_rope
 
 ext = cpu_ext.load()
@@ -32,32 +32,32 @@ def test_paged_decode_matches_torch(dtype, hq, hkv, d, b, bs):
     torch.testing.assert_close(got.float(), want, **TOL[dtype])
 
 
-def _pack_k(k_pages: torch.Tensor) -> torch.Tensor:
-    """K pages [nb, bs, H, D] laid out packed ([H, D / 2, bs, 2] per block) in the same shape."""
-    nb, bs, h, d = k_pages.shape
-    return k_pages.view(nb, bs, h, d // 2, 2).permute(0, 2, 3, 1, 4).contiguous().view(nb, bs, h, d)
-
-
-@pytest.mark.skipif(ext is None or not ext.packed_k_supported(64, 16, 3), reason="no AVX512-BF16 build")
+@pytest.mark.skipif(ext is None or not ext.packed_kv_supported(64, 16, 3), reason="no AVX512-BF16 build")
 @pytest.mark.parametrize("hq, hkv, d", [(9, 3, 64), (8, 2, 128), (4, 4, 64), (14, 2, 64)])
 @pytest.mark.parametrize("b, bs", [(6, 16), (40, 16), (40, 32)])
-def test_paged_decode_packed_k_matches_torch(hq, hkv, d, b, bs):
+def test_paged_decode_packed_kv_matches_torch(hq, hkv, d, b, bs):
+    """Packed pages give the torch reference's result; slots past a context (odd lengths: the other half of the
+    last V pair) hold NaN, as a reused block's stale bytes may, and must not reach the output."""
     gen = torch.Generator().manual_seed(5)
     nb = 1024 // bs * b // 4
-    cache = _paged_cache(nb, bs, hkv, d, torch.bfloat16, gen)
-    cache[0] = _pack_k(cache[0])
+    rows = _paged_cache(nb, bs, hkv, d, torch.bfloat16, gen)
     lens = torch.tensor([1, 15, 16, 17, 100, 200] * (b // 6) + [33, 200, 199, 64][: b % 6])
     width = -(-int(lens.max()) // bs)
     tables = torch.randperm(nb, generator=gen)[: b * width].view(b, width)
     q = torch.randn(b, hq, d, generator=gen).to(torch.bfloat16)
+    want = decode_attention_torch(q.float(), rows.float(), tables, lens, int(lens.max()), d ** -0.5)
+    past = torch.arange(width * bs)[None] >= lens[:, None]  # [b, width * bs]: slots past each context
+    slots = tables.repeat_interleave(bs, 1) * bs + torch.arange(bs).repeat(width)
+    rows.view(2, nb * bs, hkv, d)[:, slots[past]] = float("nan")
+    cache = pack_kv(rows)
     got = ext.paged_decode(q, cache[0], cache[1], tables, lens, d ** -0.5, True)
-    want = decode_attention_torch(q.float(), cache.float(), tables, lens, int(lens.max()), d ** -0.5, k_packed=True)
     torch.testing.assert_close(got.float(), want, **TOL[torch.bfloat16])
 
 
 def test_write_kv_packed_round_trip():
-    """Packed K written by the C++ kernel and by the torch path are the same bytes, and read back as the rows."""
-    from nanoflow.kernels.attention import _gather, write_kv
+    """Packed K and V written by the C++ kernel and by the torch path are the same bytes, the rows laid out
+    packed, and read back as the rows."""
+    from nanoflow.kernels.attention import gather_kv, pack_kv, write_kv
     gen = torch.Generator().manual_seed(6)
     nb, bs, h, d = 12, 16, 3, 64
     qkv = torch.randn(40, 5 * h * d, generator=gen).bfloat16()  # k and v: strided views of a fused output
@@ -65,13 +65,13 @@ def test_write_kv_packed_round_trip():
     slots = torch.randperm(nb * bs, generator=gen)[:40]
     rows, packed, packed_torch = (torch.zeros(2, nb, bs, h, d, dtype=torch.bfloat16) for _ in range(3))
     write_kv(rows, k, v, slots)
-    write_kv(packed, k, v, slots, k_packed=True)
+    write_kv(packed, k, v, slots, kv_packed=True)
     with cpu_ext.switched(False):
-        write_kv(packed_torch, k, v, slots, k_packed=True)
-    assert torch.equal(packed, packed_torch) and torch.equal(packed[1], rows[1])
-    assert torch.equal(packed[0], _pack_k(rows[0]))
-    table = torch.arange(nb)[None]
-    assert torch.equal(_gather(packed[0], table, nb * bs, packed=True), _gather(rows[0], table, nb * bs))
+        write_kv(packed_torch, k, v, slots, kv_packed=True)
+    assert torch.equal(packed, packed_torch) and torch.equal(packed, pack_kv(rows))
+    table = torch.randperm(nb, generator=gen)[None]
+    for got, want in zip(gather_kv(packed, table, nb * bs - 5, packed=True), gather_kv(rows, table, nb * bs - 5)):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from nanoflow.kernels import cpu_ext
-from nanoflow.kernels.attention import PAGED_PREFILL_MAX_CONTEXT, AttentionMetadata, PrefillChunk, attend_prefill
+from nanoflow.kernels.attention import (PAGED_PREFILL_MAX_CONTEXT, AttentionMetadata, PrefillChunk, attend_prefill,
+                                        pack_kv)
 
 NB, BS, HKV, HQ, D = 256, 16, 3, 9, 64
 
@@ -35,17 +36,16 @@ def test_paged_prefill_matches_sdpa(dtype, tol):
     torch.testing.assert_close(paged.float(), ref.float(), atol=tol, rtol=tol)
 
 
-@pytest.mark.skipif(cpu_ext.get() is None or not cpu_ext.get().packed_k_supported(D, BS, HQ // HKV),
+@pytest.mark.skipif(cpu_ext.get() is None or not cpu_ext.get().packed_kv_supported(D, BS, HQ // HKV),
                     reason="no AVX512-BF16 build")
 @pytest.mark.parametrize("paged", [True, False])
-def test_prefill_over_packed_k_pages(paged):
-    """The same step over packed K pages (the CPU bf16 default): the paged kernel and the SDPA path's gather."""
+def test_prefill_over_packed_kv_pages(paged):
+    """The same step over packed KV pages (the CPU bf16 default): the paged kernel and the SDPA path's gather."""
     spec = [(30, 0), (17, 32), (5, 100), (40, PAGED_PREFILL_MAX_CONTEXT)]
     q, k, v, kv, meta = _step(spec, torch.bfloat16)
     ref, got = torch.empty_like(q), torch.empty_like(q)
     attend_prefill(ref, q, k, v, kv, meta, D ** -0.5, paged=False)
-    nb, bs, h, d = kv[0].shape
-    kv[0] = kv[0].view(nb, bs, h, d // 2, 2).permute(0, 2, 3, 1, 4).contiguous().view(nb, bs, h, d)
-    meta.k_packed = True
+    kv = pack_kv(kv)
+    meta.kv_packed = True
     attend_prefill(got, q, k, v, kv, meta, D ** -0.5, paged=paged)
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)

@@ -76,16 +76,16 @@ def test_cpp_gemm_as_accurate_as_onednn(hf_reference):
     assert panel_mean < 1.15 * onednn_mean and panel_max < 2 * onednn_max, (error(panels), error(onednn))
 
 
-def test_packed_k_cache_close_to_rows_layout(hf_reference):
-    """bf16 on the CPU: K pages packed for the attention kernel (the default) vs --no-packed-k-cache, teacher
+def test_packed_kv_cache_close_to_rows_layout(hf_reference):
+    """bf16 on the CPU: K pages packed for the attention kernel (the default) vs --no-packed-kv-cache, teacher
     forced on the same prompts (prompt logprobs: every row's attention over the packed pages) and greedy."""
     prompts = [ids for ids, _ in hf_reference]
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=0)
     packed_llm = LLM("default", dtype="bfloat16")
-    if not packed_llm.engine.runner.k_packed:
+    if not packed_llm.engine.runner.kv_packed:
         pytest.skip("no AVX512-BF16 build here: K pages are never packed")
     packed = packed_llm.generate(prompts, params, use_tqdm=False)
-    rows = LLM("default", dtype="bfloat16", packed_k_cache=False).generate(prompts, params, use_tqdm=False)
+    rows = LLM("default", dtype="bfloat16", packed_kv_cache=False).generate(prompts, params, use_tqdm=False)
     diffs = [abs(a["logprob"] - b["logprob"])
              for pa, pb in zip(packed, rows) for a, b in zip(pa.prompt_logprobs[1:], pb.prompt_logprobs[1:])]
     assert sum(diffs) / len(diffs) < 0.02 and max(diffs) < 0.25, (sum(diffs) / len(diffs), max(diffs))

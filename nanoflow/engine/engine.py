@@ -57,7 +57,7 @@ class LLMEngine:
         if tp_group is not None:
             tp_group.barrier()  # every rank built its shard (a worker that failed to has exited: this raises)
         self.kv_tiers = make_kv_tiers(config, self.runner.kv_caches, self.runner.stream)
-        salt = kv_cache_salt(src, self.dtype, config.block_size, config.seed, config.device, self.runner.k_packed)
+        salt = kv_cache_salt(src, self.dtype, config.block_size, config.seed, config.device, self.runner.kv_packed)
         self.scheduler = Scheduler(SchedulerConfig.from_engine_config(config, self.max_model_len, num_blocks, salt),
                                    self.kv_tiers, kv_fence=self._wait_for_steps_of)
         self.eos_token_ids = set(self.model_config.eos_token_ids)

@@ -217,7 +217,7 @@ class KVTiers:
 
 
 def kv_cache_salt(src, dtype: torch.dtype, block_size: int, seed: int, device: str = "cpu",
-                  k_packed: bool = False) -> bytes:
+                  kv_packed: bool = False) -> bytes:
     """Everything besides the tokens that decides a block's KV: the weights (path, size, mtime; the seed
     for random dummy weights), dtype, block size, the K pages' layout and a non-CPU device type (other kernels,
     other dummy draws). Goes into every block hash, so also into disk keys."""
@@ -227,7 +227,7 @@ def kv_cache_salt(src, dtype: torch.dtype, block_size: int, seed: int, device: s
         ident += f"|{st.st_size}|{st.st_mtime_ns}"
     kind = torch.device(device).type
     salt = f"{src.kind}|{ident}|{dtype}|{block_size}|{seed if src.kind == 'dummy' else ''}"
-    salt += "|k-packed" if k_packed else ""
+    salt += "|kv-packed" if kv_packed else ""
     return (salt if kind == "cpu" else f"{salt}|{kind}").encode()  # CPU keys stay as they were
 
 

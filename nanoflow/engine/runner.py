@@ -102,7 +102,7 @@ class ModelRunner:
         self.kv_caches = [host_memory.zeros(shape, self.dtype) if self.device.type == "cpu"
                           else torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.cfg.num_layers)]
-        self.k_packed = self._packs_k(config)
+        self.kv_packed = self._packs_kv(config)
         self.sampler = Sampler(config.seed, self.device)
         self._step_id = 0
         self._prev_rows: dict[str, int] = {}  # request id -> its row in the last prepared step's samples
@@ -114,16 +114,16 @@ class ModelRunner:
             # The weights and the zeroed KV pool were written on the default stream: order the steps after them.
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
 
-    def _packs_k(self, config) -> bool:
+    def _packs_kv(self, config) -> bool:
         """K pages in the packed layout (attention.py): a CPU, bf16, the C++ kernels on and built with
         AVX512-BF16 for this head_dim / block size / GQA ratio, and not switched off."""
-        if not (config.packed_k_cache and config.cpp_kernels and self.device.type == "cpu"
+        if not (config.packed_kv_cache and config.cpp_kernels and self.device.type == "cpu"
                 and self.dtype == torch.bfloat16):
             return False
         with cpu_ext.switched(True):
             ext = cpu_ext.get()
         c = self.cfg
-        return ext is not None and ext.packed_k_supported(c.head_dim, self.block_size, c.num_heads // c.num_kv_heads)
+        return ext is not None and ext.packed_kv_supported(c.head_dim, self.block_size, c.num_heads // c.num_kv_heads)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Host side of a step (scheduling thread): token ids, positions, slots, block tables, sampling rows."""
@@ -149,7 +149,7 @@ class ModelRunner:
                 sample_indices.append(row)
                 sample_reqs.append(req)
                 sampling_rows.append(SampleRow.of(req, row if fill_rows and fill_rows[-1] == row else -1))
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long), k_packed=self.k_packed)
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long), kv_packed=self.kv_packed)
         self._decode_meta(batch, meta)
         row = len(batch.decodes)
         for c in batch.prefills:

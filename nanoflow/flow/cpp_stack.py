@@ -42,7 +42,7 @@ class CppDecodeStack(ExecutorWrapper):
 
     def _takes(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> bool:
         """This step: all rows decode, packed K pages, C++ kernels on for it, no nano-op trace wanted."""
-        return (not meta.prefills and meta.num_decode == input_ids.shape[0] > 0 and meta.k_packed
+        return (not meta.prefills and meta.num_decode == input_ids.shape[0] > 0 and meta.kv_packed
                 and cpu_ext.enabled() and self.executor.trace is None)
 
     def _stack_tensors(self) -> list[torch.Tensor] | None:

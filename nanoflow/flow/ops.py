@@ -144,7 +144,7 @@ def _attn_norm(layer, li, state, a, b):
 
 def _rope_append(layer, li, state, a, b):
     meta, rope = state.rows(a, b)
-    layer.self_attn.rope_append(state.qkv[a:b], rope, meta.slot_mapping, state.kv_caches[li], meta.k_packed)
+    layer.self_attn.rope_append(state.qkv[a:b], rope, meta.slot_mapping, state.kv_caches[li], meta.kv_packed)
 
 
 def _attention(decode: bool):

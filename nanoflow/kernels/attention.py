@@ -1,9 +1,10 @@
 """Paged attention in plain torch (the CPU path and the reference for GPU kernels). Decode attention goes to
 the C++ kernel on the CPU and to the Triton paged kernel on CUDA (torch fallback for shapes it does not take).
 
-KV cache per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]. With `k_packed` (the CPU bf16 default,
-ModelRunner decides) the K half holds each block as [num_kv_heads, head_dim / 2, block_size, 2] in the same
-bytes: the C++ kernel's dot products read 16 slots' pairs of dims as one vector (paged_decode.cpp).
+KV cache per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]. With `kv_packed` (the CPU bf16 default,
+ModelRunner decides) the same bytes hold each block head by head, K as [num_kv_heads, head_dim / 2, block_size, 2]
+and V as [num_kv_heads, block_size / 2, head_dim, 2]: the C++ kernel's dot products read 16 slots' pairs of dims
+(K) or 16 dims of a pair of slots (V) as one vector, and each head's page is one stream (csrc/decode_common.h).
 The step's tokens are laid out decode first (one token per request), prefill chunks last.
 """
 from __future__ import annotations
@@ -35,23 +36,33 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None  # [num_decode]
     decode_max_len: int = 0
     prefills: list[PrefillChunk] = field(default_factory=list)
-    k_packed: bool = False  # the K pages' layout (module docstring)
+    kv_packed: bool = False  # the K pages' layout (module docstring)
     # attend_prefill_rows' inputs, built by the first layer and reused by the others (a step's metadata is the
     # same for every layer; keyed by the chunks, which hold their block tables alive)
     rows_inputs: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
-             k_packed: bool = False) -> None:
+             kv_packed: bool = False) -> None:
     _, nb, bs, h, d = kv_cache.shape
-    if k_packed and (ext := cpu_ext.get()) is not None and all(x.stride()[1:] == (d, 1) for x in (k, v)):
+    if kv_packed and (ext := cpu_ext.get()) is not None and all(x.stride()[1:] == (d, 1) for x in (k, v)):
         ext.write_kv_packed(kv_cache, k, v, slot_mapping)
         return
-    if k_packed:
-        kv_cache[0].view(nb, h, d // 2, bs, 2)[slot_mapping // bs, :, :, slot_mapping % bs] = k.view(-1, h, d // 2, 2)
-    else:
-        kv_cache[0].view(nb * bs, h, d).index_copy_(0, slot_mapping, k)
+    if kv_packed:
+        blk, off = slot_mapping // bs, slot_mapping % bs
+        kv_cache[0].view(nb, h, d // 2, bs, 2)[blk, :, :, off] = k.view(-1, h, d // 2, 2)
+        kv_cache[1].view(nb, h, bs // 2, d, 2)[blk, :, off // 2, :, off % 2] = v
+        return
+    kv_cache[0].view(nb * bs, h, d).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(nb * bs, h, d).index_copy_(0, slot_mapping, v)
+
+
+def pack_kv(kv_cache: torch.Tensor) -> torch.Tensor:
+    """A cache [2, nb, bs, H, D] of rows laid out packed (module docstring), same shape."""
+    _, nb, bs, h, d = kv_cache.shape
+    k = kv_cache[0].view(nb, bs, h, d // 2, 2).permute(0, 2, 3, 1, 4)  # [nb, H, D/2, bs, 2]
+    v = kv_cache[1].view(nb, bs // 2, 2, h, d).permute(0, 3, 1, 4, 2)  # [nb, H, bs/2, D, 2]
+    return torch.stack([k.reshape(nb, bs, h, d), v.reshape(nb, bs, h, d)])
 
 
 def attend_decode(out, q, kv_cache, meta: AttentionMetadata, scale: float) -> None:
@@ -59,7 +70,7 @@ def attend_decode(out, q, kv_cache, meta: AttentionMetadata, scale: float) -> No
     nd = meta.num_decode
     if nd:
         out[:nd] = decode_attention(q[:nd], kv_cache, meta.decode_block_tables,
-                                    meta.decode_context_lens, meta.decode_max_len, scale, meta.k_packed)
+                                    meta.decode_context_lens, meta.decode_max_len, scale, meta.kv_packed)
 
 
 # A prefill row read through the paged kernel re-reads its context once per query row; that stays in L2 and
@@ -75,15 +86,15 @@ def attend_prefill(out, q, k, v, kv_cache, meta: AttentionMetadata, scale: float
     if paged and chunks and q.device.type == "cpu" and cpu_ext.get() is not None:
         short = [p for p in chunks if p.ctx_len <= PAGED_PREFILL_MAX_CONTEXT]
         if short:
-            attend_prefill_rows(out, q, kv_cache, short, scale, meta.k_packed, meta.rows_inputs)
+            attend_prefill_rows(out, q, kv_cache, short, scale, meta.kv_packed, meta.rows_inputs)
             chunks = [p for p in chunks if p.ctx_len > PAGED_PREFILL_MAX_CONTEXT]
     for p in chunks:
         rows = slice(p.q_start, p.q_start + p.q_len)
-        out[rows] = prefill_attention(q[rows], k[rows], v[rows], kv_cache, p, scale, meta.k_packed)
+        out[rows] = prefill_attention(q[rows], k[rows], v[rows], kv_cache, p, scale, meta.kv_packed)
 
 
 def attend_prefill_rows(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, chunks: list[PrefillChunk],
-                        scale: float, k_packed: bool = False, cache: dict | None = None) -> None:
+                        scale: float, kv_packed: bool = False, cache: dict | None = None) -> None:
     """Each prefill row of `chunks` as one decode-style query over the cache up to its own position (the
     chunk's KV is already written), all in one call: a row's result depends on nothing but its context, so
     neither batch-mates nor chunking change it. `cache` (AttentionMetadata.rows_inputs): the step's row
@@ -97,7 +108,7 @@ def attend_prefill_rows(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tens
         if cache is not None:
             cache[key] = inputs
     rows, tables, lens = inputs
-    out[rows] = rows_attention(q[rows], kv_cache, tables, lens, scale, k_packed)
+    out[rows] = rows_attention(q[rows], kv_cache, tables, lens, scale, kv_packed)
 
 
 def _rows_inputs(chunks: list[PrefillChunk]):
@@ -116,15 +127,14 @@ def _rows_inputs(chunks: list[PrefillChunk]):
 
 
 def rows_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                   context_lens: torch.Tensor, scale: float, k_packed: bool = False) -> torch.Tensor:
+                   context_lens: torch.Tensor, scale: float, kv_packed: bool = False) -> torch.Tensor:
     """q [n, Hq, D], one query per row over context_lens[i] cached tokens of block_tables[i]."""
     ext = cpu_ext.get() if q.device.type == "cpu" else None
     if ext is not None:
-        return ext.paged_decode(q, kv_cache[0], kv_cache[1], block_tables, context_lens, scale, k_packed)
+        return ext.paged_decode(q, kv_cache[0], kv_cache[1], block_tables, context_lens, scale, kv_packed)
     out = torch.empty_like(q)
     for i, length in enumerate(context_lens.tolist()):  # one fixed-shape SDPA per row (the reference path)
-        k = _gather(kv_cache[0], block_tables[i:i + 1], length, k_packed)
-        v = _gather(kv_cache[1], block_tables[i:i + 1], length)
+        k, v = gather_kv(kv_cache, block_tables[i:i + 1], length, kv_packed)
         out[i] = F.scaled_dot_product_attention(q[i:i + 1, :, None], k, v, scale=scale,
                                                 enable_gqa=q.shape[1] != k.shape[1])[0, :, 0]
     return out
@@ -137,7 +147,7 @@ def slice_metadata(meta: AttentionMetadata, start: int, end: int) -> AttentionMe
     partial chunk becomes a chunk of its own whose prefix includes the chunk's earlier tokens: their KV
     must already be in the cache (the nano-op dependency rule for attention)."""
     nd = max(0, min(end, meta.num_decode) - start)
-    out = AttentionMetadata(meta.slot_mapping[start:end], nd, k_packed=meta.k_packed)
+    out = AttentionMetadata(meta.slot_mapping[start:end], nd, kv_packed=meta.kv_packed)
     if nd:
         rows = slice(start, start + nd)
         out.decode_block_tables = meta.decode_block_tables[rows]
@@ -150,22 +160,24 @@ def slice_metadata(meta: AttentionMetadata, start: int, end: int) -> AttentionMe
     return out
 
 
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor, length: int, packed: bool = False) -> torch.Tensor:
-    """cache [nb, bs, H, D] (`packed`: K pages as [H, D / 2, bs, 2]), block_tables [B, n] -> [B, H, length, D]."""
+def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int,
+              packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_cache [2, nb, bs, H, D] (rows or `packed`), block_tables [B, n] -> K, V as [B, H, length, D]."""
     b, n = block_tables.shape
-    nb, bs, h, d = cache.shape
-    if packed:  # [B, n, H, D/2, bs, 2] -> [B, H, n, bs, D/2, 2]
-        x = cache.view(nb, h, d // 2, bs, 2)[block_tables].permute(0, 2, 1, 4, 3, 5)
-        return x.reshape(b, h, n * bs, d)[:, :, :length]
-    x = cache[block_tables].view(b, n * bs, h, d)[:, :length]
-    return x.transpose(1, 2)
+    _, nb, bs, h, d = kv_cache.shape
+    if packed:
+        k = kv_cache[0].view(nb, h, d // 2, bs, 2)[block_tables].permute(0, 2, 1, 4, 3, 5)  # [B, H, n, bs, D/2, 2]
+        v = kv_cache[1].view(nb, h, bs // 2, d, 2)[block_tables].permute(0, 2, 1, 3, 5, 4)  # [B, H, n, bs/2, 2, D]
+        return k.reshape(b, h, n * bs, d)[:, :, :length], v.reshape(b, h, n * bs, d)[:, :, :length]
+    k, v = (kv_cache[i][block_tables].view(b, n * bs, h, d)[:, :length].transpose(1, 2) for i in (0, 1))
+    return k, v
 
 
-def decode_attention(q, kv_cache, block_tables, context_lens, max_len: int, scale: float, k_packed: bool = False):
+def decode_attention(q, kv_cache, block_tables, context_lens, max_len: int, scale: float, kv_packed: bool = False):
     """One query per request against its whole paged context."""
     ext = cpu_ext.get() if q.device.type == "cpu" else None
     if ext is not None:  # reads the pages in place: no gathered copy of the context
-        return ext.paged_decode(q, kv_cache[0], kv_cache[1], block_tables, context_lens, scale, k_packed)
+        return ext.paged_decode(q, kv_cache[0], kv_cache[1], block_tables, context_lens, scale, kv_packed)
     if q.is_cuda and _triton_decode_fits(q, kv_cache):  # the GPU's in-place paged kernel
         from nanoflow.kernels.triton_attention import paged_decode_attention
         try:
@@ -174,7 +186,7 @@ def decode_attention(q, kv_cache, block_tables, context_lens, max_len: int, scal
             global _triton_failed
             _triton_failed = True
             log.warning("Triton decode attention failed (%s: %s); using the torch path", type(e).__name__, e)
-    return decode_attention_torch(q, kv_cache, block_tables, context_lens, max_len, scale, k_packed)
+    return decode_attention_torch(q, kv_cache, block_tables, context_lens, max_len, scale, kv_packed)
 
 
 _triton_failed = False
@@ -188,10 +200,9 @@ def _triton_decode_fits(q, kv_cache) -> bool:
 
 
 def decode_attention_torch(q, kv_cache, block_tables, context_lens, max_len: int, scale: float,
-                           k_packed: bool = False):
+                           kv_packed: bool = False):
     """Reference path: gather the pages, then masked SDPA."""
-    k = _gather(kv_cache[0], block_tables, max_len, k_packed)
-    v = _gather(kv_cache[1], block_tables, max_len)
+    k, v = gather_kv(kv_cache, block_tables, max_len, kv_packed)
     mask = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None]
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale,
@@ -199,15 +210,14 @@ def decode_attention_torch(q, kv_cache, block_tables, context_lens, max_len: int
     return out.squeeze(2)
 
 
-def prefill_attention(q, k, v, kv_cache, p: PrefillChunk, scale: float, k_packed: bool = False):
+def prefill_attention(q, k, v, kv_cache, p: PrefillChunk, scale: float, kv_packed: bool = False):
     """Causal attention of a prompt chunk over its cached prefix plus itself."""
     prefix = p.ctx_len - p.q_len
     if prefix == 0:  # first chunk: the KV is exactly this chunk, no gather needed
         keys, values, causal, mask = k.transpose(0, 1), v.transpose(0, 1), True, None
     else:
         bt = p.block_table[None]
-        keys = _gather(kv_cache[0], bt, p.ctx_len, k_packed)[0]
-        values = _gather(kv_cache[1], bt, p.ctx_len)[0]
+        keys, values = (x[0] for x in gather_kv(kv_cache, bt, p.ctx_len, kv_packed))
         pos_q = torch.arange(prefix, p.ctx_len, device=q.device)
         mask = torch.arange(p.ctx_len, device=q.device)[None, :] <= pos_q[:, None]
         causal = False

@@ -39,11 +39,11 @@ def attend_decode(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, me
     nd = meta.num_decode
     if nd:
         out[:nd] = rows_attention(q[:nd], kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale,
-                                  meta.k_packed)
+                                  meta.kv_packed)
 
 
 def attend_prefill(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                    scale: float) -> None:
     """The prefill rows of `out`, each a decode-style query over the cache up to its own position, whatever
     the context length (the default path sends long contexts to SDPA)."""
-    attend_prefill_rows(out, q, kv_cache, meta.prefills, scale, meta.k_packed, meta.rows_inputs)
+    attend_prefill_rows(out, q, kv_cache, meta.prefills, scale, meta.kv_packed, meta.rows_inputs)

@@ -37,12 +37,12 @@ class Attention(nn.Module):
         return (t.view(qkv.shape[0], -1, c.head_dim) for t in qkv.split([c.q_size, c.kv_size, c.kv_size], dim=1))
 
     def rope_append(self, qkv: torch.Tensor, rope: RopeInputs, slot_mapping: torch.Tensor, kv_cache,
-                    k_packed: bool = False) -> None:
+                    kv_packed: bool = False) -> None:
         """Rotate q and k in place (adjacent columns of the fused projection), then write K/V to the cache."""
         c = self.cfg
         self.rotary[0].apply_(qkv, c.num_heads + c.num_kv_heads, c.head_dim, rope)
         _, k, v = self.split(qkv)
-        write_kv(kv_cache, k, v, slot_mapping, k_packed)
+        write_kv(kv_cache, k, v, slot_mapping, kv_packed)
 
 
 class MLP(nn.Module):

@@ -1,5 +1,5 @@
 // The AVX512-BF16 path of paged decode attention (paged_decode.cpp): bf16, head_dim 64 or 128, GQA ratio 1-8.
-// Dot products with vdpbf16ps, whose bf16 products are exact in float32; K pages in rows or packed.
+// Dot products with vdpbf16ps, whose bf16 products are exact in float32; pages in rows or packed (decode_common.h).
 #pragma once
 #include <vector>
 #include "decode_common.h"
@@ -49,27 +49,69 @@ inline __m512 reduce16(__m512* v) {
                        _mm512_shuffle_f32x4(g1, g2, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// Prefetch into L2 the rows of page `blk` that this work item reads (its kv heads of every row). Each pass
-// prefetches the pages the next pass reads (the K pass this request's V pages, the V pass the next request's K
-// pages), a page per page processed: a whole pass of lead hides the latency of the random page walk.
+// Prefetch into L2 what this work item reads of page `blk` (its kv heads of every slot). Each pass prefetches the
+// pages the next pass reads (the K pass this request's V pages, the V pass the next request's K pages), a page per
+// page processed: a whole pass of lead hides the latency of the random page walk.
 inline void prefetch_page(const c10::BFloat16* cache, const int64_t* table, int64_t len, const DecodeArgs& a,
                           int64_t blk, int64_t nkv) {
   if (table == nullptr || blk * a.bs >= len) return;
+  if (a.kv_packed) {  // the heads' pages are one run
+    const char* p = reinterpret_cast<const char*>(cache + (table[blk] * a.hkv + a.kvh) * a.bs * a.D);
+    for (int64_t o = 0; o < nkv * a.bs * a.D * 2; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
+    return;
+  }
   const char* p = reinterpret_cast<const char*>(cache + (table[blk] * a.bs * a.hkv + a.kvh) * a.D);
   const int64_t row_bytes = nkv * a.D * 2, stride = a.hkv * a.D * 2;
   for (int64_t s = 0; s < std::min(a.bs, len - blk * a.bs); ++s, p += stride)
     for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
 }
 
-// out = P V for kv heads [a.kvh, a.kvh + nkv): two V rows at a time, interleaved (vpunpck{l,h}wd) into bf16
-// pairs, each multiplied by the pair (p_t, p_t+1) with vdpbf16ps: half the instructions of converting every V
-// row to float32 and one FMA per row. The probabilities are rounded to bf16 (relative error 2^-9, below the
-// bf16 output's own 2^-8); products and sums stay float32. The accumulators hold d in the interleaved order
-// (lane 4l + j of acc[2m + h] is d = 32m + 8l + 4h + j), undone once at the end.
-template <int NV, int G>
+// Slots s and s + 1 of a V page as NV vectors of bf16 pairs (lane i of vector j: dims of the pair), the operands
+// of vdpbf16ps against the probabilities (p_s, p_s+1). Packed pages hold them so (dims in order); rows are
+// interleaved here (vpunpck{l,h}wd: lane 4l + k of vector 2m + h is d = 32m + 8l + 4h + k, undone at the end).
+// Without slot s + 1 (an odd length's last slot) its half is zero: its probability is zero, its bytes stale.
+template <int NV, bool PACKED>
+inline void value_pairs(const c10::BFloat16* v0, int64_t s, bool pair, int64_t row_stride, __m512i* iv) {
+  if constexpr (PACKED) {
+    for (int j = 0; j < NV; ++j) {
+      iv[j] = _mm512_loadu_si512(v0 + s * NV * 16 + j * 32);
+      if (!pair) iv[j] = _mm512_maskz_mov_epi16(0x55555555, iv[j]);
+    }
+  } else {
+    for (int m = 0; m < NV / 2; ++m) {
+      const __m512i r = _mm512_loadu_si512(v0 + s * row_stride + m * 32);
+      const __m512i q = pair ? _mm512_loadu_si512(v0 + (s + 1) * row_stride + m * 32) : _mm512_setzero_si512();
+      iv[2 * m] = _mm512_unpacklo_epi16(r, q);
+      iv[2 * m + 1] = _mm512_unpackhi_epi16(r, q);
+    }
+  }
+}
+
+// The accumulated rows to bf16 (nearest even, as torch rounds). Rows pages' sums sit interleaved (value_pairs: the
+// output's 32 dims from m alternate the two vectors' 128-bit chunks), undone here, vectorized (a scalar loop was
+// a third of the V pass).
+template <int NV, bool PACKED>
+void store_values(const float* acc, int64_t rows, c10::BFloat16* out) {
+  const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* ar = acc + r * NV * 16;
+    c10::BFloat16* o = out + r * NV * 16;
+    for (int m = 0; m < NV / 2; ++m) {
+      const __m512 a = _mm512_loadu_ps(ar + 32 * m), b = _mm512_loadu_ps(ar + 32 * m + 16);
+      store_bf16(o + 32 * m, PACKED ? a : _mm512_permutex2var_ps(a, lo, b));
+      store_bf16(o + 32 * m + 16, PACKED ? b : _mm512_permutex2var_ps(a, hi, b));
+    }
+  }
+}
+
+// out = P V for kv heads [a.kvh, a.kvh + nkv): two slots at a time (value_pairs), each pair of V rows multiplied by
+// the pair (p_t, p_t+1) with vdpbf16ps: half the instructions of converting every V row to float32 and one FMA per
+// row. The probabilities are rounded to bf16 (relative error 2^-9, below the bf16 output's own 2^-8); products and
+// sums stay float32.
+template <int NV, int G, bool PACKED>
 void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, const DecodeArgs& a, int64_t nkv,
                           float* sc, c10::BFloat16* out, std::vector<float>& accbuf) {
-  constexpr int NB = NV / 2;  // 32-wide bf16 vectors per row; 2 * NB interleaved vectors per row pair
   const int64_t len = a.len, row_stride = a.hkv * a.D;
   // Probabilities as bf16, in place over the float32 scores (row r at r * pstride, 2 bytes each): len rounded up
   // to even, so that (p_t, p_t+1) is one aligned 32-bit load (a zero after an odd length), broadcast straight
@@ -88,21 +130,16 @@ void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, cons
     prefetch_page(kc, a.next_table, a.next_len, a, blk, nkv);
     const int64_t n_page = std::min(a.bs, len - t0);
     for (int64_t h = 0; h < nkv; ++h) {
-      const c10::BFloat16* v0 = vc + (a.table[blk] * a.bs * a.hkv + a.kvh + h) * a.D;
+      const c10::BFloat16* v0 = PACKED ? vc + (a.table[blk] * a.hkv + a.kvh + h) * a.bs * a.D
+                                       : vc + (a.table[blk] * a.bs * a.hkv + a.kvh + h) * a.D;
       float* ah = accbuf.data() + h * G * NV * 16;
       const int32_t* ph = reinterpret_cast<const int32_t*>(pb + h * G * pstride + t0);
       __m512 acc[G][NV];
       for (int g = 0; g < G; ++g)
         for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_loadu_ps(ah + (g * NV + j) * 16);
       for (int64_t s = 0; s < n_page; s += 2) {
-        const bool pair = s + 1 < n_page;
         __m512i iv[NV];
-        for (int m = 0; m < NB; ++m) {
-          const __m512i r = _mm512_loadu_si512(v0 + s * row_stride + m * 32);
-          const __m512i q = pair ? _mm512_loadu_si512(v0 + (s + 1) * row_stride + m * 32) : _mm512_setzero_si512();
-          iv[2 * m] = _mm512_unpacklo_epi16(r, q);
-          iv[2 * m + 1] = _mm512_unpackhi_epi16(r, q);
-        }
+        value_pairs<NV, PACKED>(v0, s, s + 1 < n_page, row_stride, iv);
         for (int g = 0; g < G; ++g) {
           const __m512bh p = (__m512bh)_mm512_set1_epi32(ph[(g * pstride + s) / 2]);
           for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_dpbf16_ps(acc[g][j], p, (__m512bh)iv[j]);
@@ -112,19 +149,7 @@ void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, cons
         for (int j = 0; j < NV; ++j) _mm512_storeu_ps(ah + (g * NV + j) * 16, acc[g][j]);
     }
   }
-  // Undo the interleaving (d = 32m + 8l + 4h + j sits in 128-bit chunk l of acc[2m + h]: the output's 32 dims
-  // from m alternate the two vectors' chunks), round to bf16 (nearest even, as torch does). Vectorized: the
-  // scalar loop was a third of this function's time.
-  const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i hi = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int64_t r = 0; r < nkv * G; ++r) {
-    const float* ar = accbuf.data() + r * NV * 16;
-    for (int m = 0; m < NB; ++m) {
-      const __m512 a = _mm512_loadu_ps(ar + 32 * m), b = _mm512_loadu_ps(ar + 32 * m + 16);
-      store_bf16(out + r * NV * 16 + 32 * m, _mm512_permutex2var_ps(a, lo, b));
-      store_bf16(out + r * NV * 16 + 32 * m + 16, _mm512_permutex2var_ps(a, hi, b));
-    }
-  }
+  store_values<NV, PACKED>(accbuf.data(), nkv * G, out);
 }
 
 // Scores against K pages in rows: 16 rows of a page at a time per query head (dot products with vdpbf16ps, one
@@ -209,10 +234,11 @@ void decode_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFl
   const int64_t len = a.len;
   scores.resize(nkv * G * len);
   float* sc = scores.data();
-  if (a.k_packed) scores_packed_bf16<NV, G>(q, kc, vc, a, nkv, sc);
+  if (a.kv_packed) scores_packed_bf16<NV, G>(q, kc, vc, a, nkv, sc);
   else scores_rows_bf16<NV, G>(q, kc, vc, a, nkv, sc);
   softmax_rows_avx512(sc, nkv * G, len);
-  weighted_values_bf16<NV, G>(kc, vc, a, nkv, sc, out, accbuf);
+  if (a.kv_packed) weighted_values_bf16<NV, G, true>(kc, vc, a, nkv, sc, out, accbuf);
+  else weighted_values_bf16<NV, G, false>(kc, vc, a, nkv, sc, out, accbuf);
 }
 
 template <int NV>

@@ -14,13 +14,16 @@ struct DecodeArgs {  // one work item: a request's kv heads [kvh, kvh + the item
   float scale;
   const int64_t* next_table = nullptr;  // the thread's next request (its K pages are prefetched during this V pass)
   int64_t next_len = 0;
-  bool k_packed = false;  // the K pages' layout (below)
+  bool kv_packed = false;  // the pages' layout (below)
 };
 
-// K pages come in one of two layouts. Rows: [block, slot, kv head, d], like V. Packed (bf16 only): [block, kv
-// head, d / 2, slot, 2]: for a kv head and a pair of dims, the slots' pairs lie side by side, so a vector of 16
-// slots' pairs is one dot-product operand against the query's pair broadcast, and a page's 16 scores come out
-// of the dot products directly (no horizontal reduction).
+// Pages come in one of two layouts. Rows: K and V as [block, slot, kv head, d]. Packed (bf16 only), each kv
+// head's page contiguous: K as [block, kv head, d / 2, slot, 2] - for a pair of dims the slots' pairs lie side by
+// side, so a vector of 16 slots' pairs is one dot-product operand against the query's pair broadcast and a page's
+// 16 scores come out of the dot products directly (no horizontal reduction); V as [block, kv head, slot / 2, d,
+// 2] - a vector holds 16 dims of a pair of slots, the operand against the pair of probabilities broadcast, the
+// sums in d order. A head's page read front to back is one stream (rows interleave the heads: reading one head's
+// slice of each row ran at 60% of the rate from DRAM).
 
 inline float to_f32(float x) { return x; }
 inline float to_f32(c10::BFloat16 x) { return static_cast<float>(x); }

@@ -64,7 +64,7 @@ void decode_item(const T* q, const T* kc, const T* vc, DecodeArgs a, int64_t nkv
 }  // namespace
 
 // q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, W]; lens [B].
-bool packed_k_supported(int64_t head_dim, int64_t block_size, int64_t group) {
+bool packed_kv_supported(int64_t head_dim, int64_t block_size, int64_t group) {
 #ifdef NANOFLOW_AVX512BF16
   return (head_dim == 64 || head_dim == 128) && block_size % 16 == 0 && group >= 1 && group <= 8;
 #else
@@ -73,7 +73,7 @@ bool packed_k_supported(int64_t head_dim, int64_t block_size, int64_t group) {
 }
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                           torch::Tensor block_tables, torch::Tensor lens, double scale, bool k_packed) {
+                           torch::Tensor block_tables, torch::Tensor lens, double scale, bool kv_packed) {
   q = q.contiguous();
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
   auto bt = block_tables.to(torch::kLong).contiguous();
@@ -82,8 +82,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   const int64_t bs = k_cache.size(1), hkv = k_cache.size(2), W = bt.size(1), G = Hq / hkv;
   // A work item is a request (all its kv heads: whole K/V rows, streamed in order) when there are enough
   // requests to keep every thread busy, else one (request, kv head).
-  TORCH_CHECK(!k_packed || (q.scalar_type() == at::kBFloat16 && packed_k_supported(D, bs, G)),
-              "packed K pages need bf16, head_dim 64/128, a block size multiple of 16 and an AVX512-BF16 build");
+  TORCH_CHECK(!kv_packed || (q.scalar_type() == at::kBFloat16 && packed_kv_supported(D, bs, G)),
+              "packed KV pages need bf16, head_dim 64/128, a block size multiple of 16 and an AVX512-BF16 build");
   const int64_t nkv = B >= 4 * at::get_num_threads() ? hkv : 1, per_req = hkv / nkv;
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
@@ -110,7 +110,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / per_req, h = (i % per_req) * nkv;
         DecodeArgs a{lp[b], bs, hkv, h, G, D, btp + b * W, static_cast<float>(scale)};
-        a.k_packed = k_packed;
+        a.kv_packed = kv_packed;
         if (i + 1 < end) {  // (the same kv heads of the next request: nkv == hkv whenever i + 1 is another request)
           a.next_table = btp + ((i + 1) / per_req) * W;
           a.next_len = nkv == hkv ? lp[(i + 1) / per_req] : 0;
