@@ -54,6 +54,25 @@ def test_paged_decode_packed_kv_matches_torch(hq, hkv, d, b, bs):
     torch.testing.assert_close(got.float(), want, **TOL[torch.bfloat16])
 
 
+@pytest.mark.skipif(ext is None or not ext.packed_kv_supported(64, 16, 3), reason="no AVX512-BF16 build")
+@pytest.mark.parametrize("b", [3, 40])  # items per (request, kv head) and per request
+def test_paged_decode_writes_new_kv(b):
+    """paged_decode(new_kv=...) (the decode stack's) = write_kv_packed, then paged_decode: same pages, same output."""
+    gen = torch.Generator().manual_seed(7)
+    nb, bs, hkv, d = 4 * b + 8, 16, 3, 64
+    cache = pack_kv(_paged_cache(nb, bs, hkv, d, torch.bfloat16, gen))
+    lens = torch.randint(1, 4 * bs, (b,), generator=gen)
+    tables = torch.randperm(nb, generator=gen)[: 4 * b].view(b, 4)
+    slots = tables[torch.arange(b), (lens - 1) // bs] * bs + (lens - 1) % bs
+    qkv = torch.randn(b, 15 * d, generator=gen).bfloat16()  # q, k, v as strided views of a fused output
+    q, k, v = qkv[:, :9 * d].view(b, 9, d), qkv[:, 9 * d:12 * d].view(b, 3, d), qkv[:, 12 * d:].view(b, 3, d)
+    separate, fused = cache.clone(), cache.clone()
+    ext.write_kv_packed(separate, k, v, slots)
+    want = ext.paged_decode(q, separate[0], separate[1], tables, lens, d ** -0.5, True)
+    got = ext.paged_decode(q, fused[0], fused[1], tables, lens, d ** -0.5, True, [k, v, slots])
+    assert torch.equal(got, want) and torch.equal(fused, separate)
+
+
 def test_write_kv_packed_round_trip():
     """Packed K and V written by the C++ kernel and by the torch path are the same bytes, the rows laid out
     packed, and read back as the rows."""

@@ -1,19 +1,19 @@
 // A decode step's layer stack in one call: the same kernels, in the same order and on the same shapes, that the
 // Python forward (nanoflow/flow/ops.py) calls for a step whose rows are all decode rows, without ~270 trips
 // through Python per step (6 ms of a 95 ms step at 64 requests). The CPU's counterpart of replaying a captured
-// CUDA graph; nanoflow/flow/cpu_graph.py decides when a step takes it.
+// CUDA graph; nanoflow/flow/cpp_stack.py decides when a step takes it.
 #include <torch/extension.h>
 #include <ATen/record_function.h>
 #include <vector>
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                           torch::Tensor block_tables, torch::Tensor lens, double scale, bool kv_packed);
+                           torch::Tensor block_tables, torch::Tensor lens, double scale, bool kv_packed,
+                           c10::optional<std::vector<torch::Tensor>> new_kv);
 void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
 void rope_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin, int64_t num_heads,
                   int64_t head_dim);
 torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w_packed, int64_t N, c10::optional<torch::Tensor> bias,
                         c10::optional<torch::Tensor> out, bool glu);
-void write_kv_packed(torch::Tensor kv_cache, torch::Tensor k, torch::Tensor v, torch::Tensor slot_mapping);
 
 namespace {
 constexpr int64_t kPerLayer = 7;  // attn norm, qkv panels, qkv bias (empty: none), o, ffn norm, gate/up (GLU), down
@@ -50,10 +50,10 @@ std::vector<torch::Tensor> decode_stack(torch::Tensor x, torch::Tensor positions
     LABELLED("rope_inplace", rope_inplace(qkv, positions, cos_sin, Hq + Hkv, D));
     const torch::Tensor k = qkv.narrow(1, q_size, kv_size).view({B, Hkv, D});
     const torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({B, Hkv, D});
-    LABELLED("write_kv_packed", write_kv_packed(kv_caches[l], k, v, slot_mapping));
     const torch::Tensor q = qkv.narrow(1, 0, q_size).view({B, Hq, D});
-    LABELLED("paged_decode",
-             attn = paged_decode(q, kv_caches[l][0], kv_caches[l][1], block_tables, lens, scale, true));
+    // (the step's K and V written into the pages by the attention kernel, each just before it reads that page)
+    LABELLED("paged_decode", attn = paged_decode(q, kv_caches[l][0], kv_caches[l][1], block_tables, lens, scale,
+                                                 true, std::vector<torch::Tensor>{k, v, slot_mapping}));
     LABELLED("gemm_bf16", x = gemm_bf16(attn.view({B, q_size}), w[3], H, c10::nullopt, c10::nullopt, false));
     LABELLED("fused_add_rms_norm", fused_add_rms_norm(x, residual, w[4], eps));
     LABELLED("gemm_bf16", act = gemm_bf16(x, w[5], I, c10::nullopt, c10::nullopt, true));

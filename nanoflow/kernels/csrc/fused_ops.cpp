@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include "vec.h"
+#include "decode_common.h"
 
 namespace {
 
@@ -194,8 +195,7 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
 }
 
 // k, v [T, H, D] (rows may be strided, heads dense) into kv_cache [2, nb, bs, H, D] at slot_mapping: V as rows,
-// K and V into packed pages (decode_common.h: per block and kv head, K as [D / 2, bs, 2], V as [bs / 2, D, 2]);
-// K a whole pair of dims (4 bytes) at a time, V a 2-byte half of each (slot, slot + 1) pair.
+// K and V into packed pages (decode_common.h: per block and kv head, K as [D / 2, bs, 2], V as [bs / 2, D, 2]).
 void write_kv_packed(torch::Tensor kv_cache, torch::Tensor k, torch::Tensor v, torch::Tensor slot_mapping) {
   TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.element_size() == 2 && k.element_size() == 2 &&
               v.element_size() == 2, "16-bit KV");
@@ -203,27 +203,16 @@ void write_kv_packed(torch::Tensor kv_cache, torch::Tensor k, torch::Tensor v, t
     TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2), "k, v must be [T, H, D], heads dense");
   auto slots = slot_mapping.to(torch::kLong).contiguous();
   const int64_t T = k.size(0), H = k.size(1), D = k.size(2), nb = kv_cache.size(1), bs = kv_cache.size(2);
-  TORCH_CHECK(bs % 2 == 0, "packed pages need an even block size");
-  const int64_t P = D / 2, page = bs * H * P;  // a block's size, in pairs
+  TORCH_CHECK(bs % 2 == 0 && D % 2 == 0, "packed pages need an even block size and head_dim");
   const int64_t* sp = slots.data_ptr<int64_t>();
-  const auto* ks = reinterpret_cast<const uint32_t*>(k.data_ptr());
+  const auto* ks = reinterpret_cast<const uint16_t*>(k.data_ptr());
   const auto* vs = reinterpret_cast<const uint16_t*>(v.data_ptr());
-  auto* kd = reinterpret_cast<uint32_t*>(kv_cache.data_ptr());
-  auto* vd = reinterpret_cast<uint16_t*>(kd + nb * page);
-  const int64_t k_row = k.stride(0) / 2, v_row = v.stride(0);  // K in pairs, V in values
+  auto* kd = reinterpret_cast<uint16_t*>(kv_cache.data_ptr());
+  uint16_t* vd = kd + nb * bs * H * D;
   // A token's K pairs land on H * D / 2 different cache lines (read for ownership, often from DRAM): latency
   // bound, so both threads take part even for a decode step's few dozen tokens.
   at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t blk = sp[t] / bs, off = sp[t] % bs;
-      const uint32_t* kr = ks + t * k_row;
-      uint32_t* kp = kd + blk * page + off;
-      for (int64_t i = 0; i < H * P; ++i) kp[i * bs] = kr[i];
-      const uint16_t* vr = vs + t * v_row;
-      for (int64_t h = 0; h < H; ++h) {
-        uint16_t* vp = vd + ((blk * H + h) * bs + (off & ~int64_t(1))) * D + (off & 1);
-        for (int64_t d = 0; d < D; ++d) vp[2 * d] = vr[h * D + d];
-      }
-    }
+    for (int64_t t = begin; t < end; ++t)
+      nanoflow_decode::write_packed_token(kd, vd, ks + t * k.stride(0), vs + t * v.stride(0), sp[t], bs, H, D, 0, H);
   });
 }
