@@ -61,6 +61,31 @@ void decode_item(const T* q, const T* kc, const T* vc, DecodeArgs a, int64_t nkv
   }
 }
 
+// paged_decode's new_kv, checked: this step's K and V rows and their slots (none: slots == nullptr).
+struct NewTokens {
+  const uint16_t *k = nullptr, *v = nullptr;
+  int64_t k_row = 0, v_row = 0;
+  const int64_t* slots = nullptr;
+  torch::Tensor slot_tensor;  // (keeps slots alive)
+};
+
+NewTokens new_tokens(const c10::optional<std::vector<torch::Tensor>>& new_kv, bool kv_packed, int64_t B,
+                     int64_t hkv, int64_t D) {
+  NewTokens t;
+  if (!new_kv.has_value()) return t;
+  const auto& n = *new_kv;
+  TORCH_CHECK(kv_packed && n.size() == 3, "paged_decode: new_kv = (k, v, slots) needs packed pages");
+  for (int i = 0; i < 2; ++i)
+    TORCH_CHECK(n[i].scalar_type() == at::kBFloat16 && n[i].dim() == 3 && n[i].size(0) == B && n[i].size(1) == hkv &&
+                n[i].size(2) == D && n[i].stride(2) == 1 && n[i].stride(1) == D, "paged_decode: new k, v [B, Hkv, D]");
+  t.slot_tensor = n[2].to(torch::kLong).contiguous();
+  TORCH_CHECK(t.slot_tensor.numel() == B, "paged_decode: a slot per request");
+  t.k = reinterpret_cast<const uint16_t*>(n[0].data_ptr());
+  t.v = reinterpret_cast<const uint16_t*>(n[1].data_ptr());
+  t.k_row = n[0].stride(0), t.v_row = n[1].stride(0), t.slots = t.slot_tensor.data_ptr<int64_t>();
+  return t;
+}
+
 }  // namespace
 
 // q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, W]; lens [B].
@@ -89,22 +114,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   TORCH_CHECK(!kv_packed || (q.scalar_type() == at::kBFloat16 && packed_kv_supported(D, bs, G)),
               "packed KV pages need bf16, head_dim 64/128, a block size multiple of 16 and an AVX512-BF16 build");
   const int64_t nkv = B >= 4 * at::get_num_threads() ? hkv : 1, per_req = hkv / nkv;
-  const uint16_t *k_new = nullptr, *v_new = nullptr;
-  const int64_t* slots = nullptr;
-  int64_t k_row = 0, v_row = 0;
-  torch::Tensor slot_t;
-  if (new_kv.has_value()) {
-    const auto& n = *new_kv;
-    TORCH_CHECK(kv_packed && n.size() == 3, "paged_decode: new_kv = (k, v, slots) needs packed pages");
-    for (int i = 0; i < 2; ++i)
-      TORCH_CHECK(n[i].scalar_type() == at::kBFloat16 && n[i].dim() == 3 && n[i].size(0) == B && n[i].size(1) == hkv &&
-                  n[i].size(2) == D && n[i].stride(2) == 1 && n[i].stride(1) == D, "paged_decode: new k, v [B, Hkv, D]");
-    slot_t = n[2].to(torch::kLong).contiguous();
-    TORCH_CHECK(slot_t.numel() == B, "paged_decode: a slot per request");
-    k_new = reinterpret_cast<const uint16_t*>(n[0].data_ptr());
-    v_new = reinterpret_cast<const uint16_t*>(n[1].data_ptr());
-    k_row = n[0].stride(0), v_row = n[1].stride(0), slots = slot_t.data_ptr<int64_t>();
-  }
+  const NewTokens fresh = new_tokens(new_kv, kv_packed, B, hkv, D);
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -135,10 +145,10 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
           a.next_table = btp + ((i + 1) / per_req) * W;
           a.next_len = nkv == hkv ? lp[(i + 1) / per_req] : 0;
         }
-        if (slots != nullptr)
+        if (fresh.slots != nullptr)
           write_packed_token(reinterpret_cast<uint16_t*>(const_cast<scalar_t*>(kp)),
-                             reinterpret_cast<uint16_t*>(const_cast<scalar_t*>(vp)), k_new + b * k_row,
-                             v_new + b * v_row, slots[b], bs, hkv, D, h, h + nkv);
+                             reinterpret_cast<uint16_t*>(const_cast<scalar_t*>(vp)), fresh.k + b * fresh.k_row,
+                             fresh.v + b * fresh.v_row, fresh.slots[b], bs, hkv, D, h, h + nkv);
         decode_item<scalar_t>(qp + (b * Hq + h * G) * D, kp, vp, a, nkv, op + (b * Hq + h * G) * D, scores, acc);
       }
     });
