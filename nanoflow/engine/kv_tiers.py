@@ -219,7 +219,7 @@ class KVTiers:
 def kv_cache_salt(src, dtype: torch.dtype, block_size: int, seed: int, device: str = "cpu",
                   kv_packed: bool = False) -> bytes:
     """Everything besides the tokens that decides a block's KV: the weights (path, size, mtime; the seed
-    for random dummy weights), dtype, block size, the K pages' layout and a non-CPU device type (other kernels,
+    for random dummy weights), dtype, block size, the KV pages' layout and a non-CPU device type (other kernels,
     other dummy draws). Goes into every block hash, so also into disk keys."""
     ident = src.path
     if os.path.exists(src.path):

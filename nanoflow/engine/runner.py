@@ -115,7 +115,7 @@ class ModelRunner:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
 
     def _packs_kv(self, config) -> bool:
-        """K pages in the packed layout (attention.py): a CPU, bf16, the C++ kernels on and built with
+        """K and V pages in the packed layout (attention.py): a CPU, bf16, the C++ kernels on and built with
         AVX512-BF16 for this head_dim / block size / GQA ratio, and not switched off."""
         if not (config.packed_kv_cache and config.cpp_kernels and self.device.type == "cpu"
                 and self.dtype == torch.bfloat16):

@@ -4,7 +4,7 @@ counterpart of replaying a CUDA graph (`flow/cuda_graphs.py`). At 64 decode rows
 of a 95 ms step between its ~270 kernel calls; the C++ loop spends microseconds and releases the GIL once.
 
 A step takes it when every row decodes and every operation of the Python forward would be one of those C++
-kernels: a CPU model in bf16 on one device, panel-packed GEMMs (gate/up GLU-packed), packed K pages, not
+kernels: a CPU model in bf16 on one device, panel-packed GEMMs (gate/up GLU-packed), packed KV pages, not
 batch-invariant, the sequential executor, no nano-op trace being recorded. Anything else (prefill chunks,
 float32, oneDNN GEMMs, ...) runs the wrapped executor. The hidden states are the same bit for bit
 (tests/test_cpp_stack.py); `--no-cpp-decode-stack` (EngineConfig.cpp_decode_stack) switches it off.
@@ -41,7 +41,7 @@ class CppDecodeStack(ExecutorWrapper):
         return model.norm(hidden, residual)[0]
 
     def _takes(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """This step: all rows decode, packed K pages, C++ kernels on for it, no nano-op trace wanted."""
+        """This step: all rows decode, packed KV pages, C++ kernels on for it, no nano-op trace wanted."""
         return (not meta.prefills and meta.num_decode == input_ids.shape[0] > 0 and meta.kv_packed
                 and cpu_ext.enabled() and self.executor.trace is None)
 

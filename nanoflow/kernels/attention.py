@@ -36,7 +36,7 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None  # [num_decode]
     decode_max_len: int = 0
     prefills: list[PrefillChunk] = field(default_factory=list)
-    kv_packed: bool = False  # the K pages' layout (module docstring)
+    kv_packed: bool = False  # the K and V pages' layout (module docstring)
     # attend_prefill_rows' inputs, built by the first layer and reused by the others (a step's metadata is the
     # same for every layer; keyed by the chunks, which hold their block tables alive)
     rows_inputs: dict = field(default_factory=dict, repr=False, compare=False)

@@ -56,7 +56,7 @@ inline void prefetch_page(const c10::BFloat16* cache, const int64_t* table, int6
                           int64_t blk, int64_t nkv) {
   if (table == nullptr || blk * a.bs >= len) return;
   if (a.kv_packed) {  // the heads' pages are one run
-    const char* p = reinterpret_cast<const char*>(cache + (table[blk] * a.hkv + a.kvh) * a.bs * a.D);
+    const char* p = reinterpret_cast<const char*>(head_page(cache, table[blk], a.kvh, a.hkv, a.bs, a.D));
     for (int64_t o = 0; o < nkv * a.bs * a.D * 2; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
     return;
   }
@@ -130,7 +130,7 @@ void weighted_values_bf16(const c10::BFloat16* kc, const c10::BFloat16* vc, cons
     prefetch_page(kc, a.next_table, a.next_len, a, blk, nkv);
     const int64_t n_page = std::min(a.bs, len - t0);
     for (int64_t h = 0; h < nkv; ++h) {
-      const c10::BFloat16* v0 = PACKED ? vc + (a.table[blk] * a.hkv + a.kvh + h) * a.bs * a.D
+      const c10::BFloat16* v0 = PACKED ? head_page(vc, a.table[blk], a.kvh + h, a.hkv, a.bs, a.D)
                                        : vc + (a.table[blk] * a.bs * a.hkv + a.kvh + h) * a.D;
       float* ah = accbuf.data() + h * G * NV * 16;
       const int32_t* ph = reinterpret_cast<const int32_t*>(pb + h * G * pstride + t0);
@@ -200,7 +200,7 @@ void scores_packed_bf16(const c10::BFloat16* q, const c10::BFloat16* kc, const c
     prefetch_page(vc, a.table, len, a, blk, nkv);
     const int64_t n_page = std::min(bs, len - t0);
     for (int64_t h = 0; h < nkv; ++h) {
-      const c10::BFloat16* page = kc + (a.table[blk] * a.hkv + a.kvh + h) * (NP * 2) * bs;
+      const c10::BFloat16* page = head_page(kc, a.table[blk], a.kvh + h, a.hkv, bs, a.D);
       const int32_t* qh = qpairs + h * G * NP;
       for (int64_t s0 = 0; s0 < n_page; s0 += 16) {
         const c10::BFloat16* k0 = page + s0 * 2;

@@ -25,6 +25,12 @@ struct DecodeArgs {  // one work item: a request's kv heads [kvh, kvh + the item
 // sums in d order. A head's page read front to back is one stream (rows interleave the heads: reading one head's
 // slice of each row ran at 60% of the rate from DRAM).
 
+// The start of kv head `h`'s page of block `blk` in a packed cache (K or V): its bs * D values, one run.
+template <typename T>
+inline T* head_page(T* cache, int64_t blk, int64_t h, int64_t hkv, int64_t bs, int64_t D) {
+  return cache + (blk * hkv + h) * bs * D;
+}
+
 // One token's K and V rows (bf16 bits, [kv head][D] each) of kv heads [h0, h1) into packed pages at `slot`: K a
 // whole pair of dims (4 bytes) per store, V a 2-byte half of its (slot, slot + 1) pair. Full caches [blocks, bs,
 // hkv, D] in packed layout.
@@ -32,10 +38,10 @@ inline void write_packed_token(uint16_t* k_cache, uint16_t* v_cache, const uint1
                                int64_t slot, int64_t bs, int64_t hkv, int64_t D, int64_t h0, int64_t h1) {
   const int64_t blk = slot / bs, off = slot % bs;
   for (int64_t h = h0; h < h1; ++h) {
-    uint32_t* kp = reinterpret_cast<uint32_t*>(k_cache + (blk * hkv + h) * D * bs) + off;
+    uint32_t* kp = reinterpret_cast<uint32_t*>(head_page(k_cache, blk, h, hkv, bs, D)) + off;
     const uint32_t* kr = reinterpret_cast<const uint32_t*>(k + h * D);
     for (int64_t i = 0; i < D / 2; ++i) kp[i * bs] = kr[i];
-    uint16_t* vp = v_cache + ((blk * hkv + h) * bs + (off & ~int64_t(1))) * D + (off & 1);
+    uint16_t* vp = head_page(v_cache, blk, h, hkv, bs, D) + (off & ~int64_t(1)) * D + (off & 1);
     for (int64_t d = 0; d < D; ++d) vp[2 * d] = v[h * D + d];
   }
 }

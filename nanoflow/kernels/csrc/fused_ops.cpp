@@ -194,8 +194,8 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
   return out;
 }
 
-// k, v [T, H, D] (rows may be strided, heads dense) into kv_cache [2, nb, bs, H, D] at slot_mapping: V as rows,
-// K and V into packed pages (decode_common.h: per block and kv head, K as [D / 2, bs, 2], V as [bs / 2, D, 2]).
+// k, v [T, H, D] (rows may be strided, heads dense) into kv_cache [2, nb, bs, H, D] at slot_mapping, as packed
+// pages (decode_common.h: per block and kv head, K as [D / 2, bs, 2], V as [bs / 2, D, 2]).
 void write_kv_packed(torch::Tensor kv_cache, torch::Tensor k, torch::Tensor v, torch::Tensor slot_mapping) {
   TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.element_size() == 2 && k.element_size() == 2 &&
               v.element_size() == 2, "16-bit KV");

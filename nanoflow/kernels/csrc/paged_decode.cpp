@@ -115,6 +115,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
               "packed KV pages need bf16, head_dim 64/128, a block size multiple of 16 and an AVX512-BF16 build");
   const int64_t nkv = B >= 4 * at::get_num_threads() ? hkv : 1, per_req = hkv / nkv;
   const NewTokens fresh = new_tokens(new_kv, kv_packed, B, hkv, D);
+  auto* k_pages = reinterpret_cast<uint16_t*>(k_cache.data_ptr());  // (written through when fresh has slots)
+  auto* v_pages = reinterpret_cast<uint16_t*>(v_cache.data_ptr());
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -146,9 +148,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
           a.next_len = nkv == hkv ? lp[(i + 1) / per_req] : 0;
         }
         if (fresh.slots != nullptr)
-          write_packed_token(reinterpret_cast<uint16_t*>(const_cast<scalar_t*>(kp)),
-                             reinterpret_cast<uint16_t*>(const_cast<scalar_t*>(vp)), fresh.k + b * fresh.k_row,
-                             fresh.v + b * fresh.v_row, fresh.slots[b], bs, hkv, D, h, h + nkv);
+          write_packed_token(k_pages, v_pages, fresh.k + b * fresh.k_row, fresh.v + b * fresh.v_row, fresh.slots[b],
+                             bs, hkv, D, h, h + nkv);
         decode_item<scalar_t>(qp + (b * Hq + h * G) * D, kp, vp, a, nkv, op + (b * Hq + h * G) * D, scores, acc);
       }
     });
