@@ -169,11 +169,12 @@ _panels = pytest.mark.skipif(ext is None or not ext.gemm_bf16_supported(), reaso
 
 
 @_panels
-@pytest.mark.parametrize("m, n, k", [(1, 960, 576), (5, 100, 64), (13, 576, 1536), (64, 3072, 576), (257, 130, 96)])
+@pytest.mark.parametrize("m, n, k", [(1, 960, 576), (5, 100, 64), (13, 576, 1536), (64, 3072, 576), (257, 130, 96),
+                                     (500, 130, 576), (100, 64, 1536)])
 def test_panel_gemm_matches_float32(m, n, k):
     """The C++ panel GEMM: x W^T (+ b) within one bf16 rounding of the float32 product (products exact,
     float32 sums), for every row-tile remainder (M mod 6), a last panel of fewer than 64 columns and
-    row blocks (M > 120); `out` writes into rows of a wider buffer."""
+    several row blocks (x rows past 256 KB: 500 x 576, 100 x 1536); `out` writes into rows of a wider buffer."""
     from nanoflow.models.layers import pack_weight, packed_linear
     gen = torch.Generator().manual_seed(m)
     w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
@@ -197,10 +198,10 @@ def test_panel_gemm_rows_independent_of_batch():
     from nanoflow.models.layers import pack_weight, packed_linear
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(576, 576, generator=gen).to(torch.bfloat16)
-    x = torch.randn(200, 576, generator=gen).to(torch.bfloat16)
+    x = torch.randn(500, 576, generator=gen).to(torch.bfloat16)  # (three row blocks)
     packed = pack_weight(w, 64, "panels")
     full = packed_linear(x, packed)
-    for lo, hi in ((0, 1), (7, 20), (150, 200), (3, 130)):
+    for lo, hi in ((0, 1), (7, 20), (150, 200), (3, 130), (100, 500)):
         assert torch.equal(packed_linear(x[lo:hi], packed), full[lo:hi])
 
 
@@ -228,7 +229,7 @@ def test_panel_gemm_glu_matches_silu_of_float32(m):
 
 
 @_panels
-@pytest.mark.parametrize("m, n", [(1, 4100), (7, 130), (64, 49152 // 8), (131, 700)])
+@pytest.mark.parametrize("m, n", [(1, 4100), (7, 130), (64, 49152 // 8), (131, 700), (2500, 130)])
 def test_panel_gemm_argmax_is_argmax_of_its_logits(m, n):
     """The fused LM head + argmax returns what argmax_rows picks from gemm_bf16's bf16 output, first maximum
     included: ties are forced by duplicated weight rows (in other panels, hence other threads' runs, and in the

@@ -93,13 +93,22 @@ void run_tile(const GemmArgs& g, int64_t m0, int64_t n, const char* next, int64_
   }
 }
 
+// Rows per row block: a block's x rows (at most kBlockBytes of them) stay in L2 while every panel passes, and the
+// blocks are of equal size - fixed 120-row blocks left 256 rows a 16-row third block, a third pass over the weights
+// (the LM head's 57 MB come from DRAM on each pass) for a sliver of work.
+constexpr int64_t kBlockBytes = 256 * 1024;
+inline int64_t block_rows(int64_t M, int64_t kp) {
+  const int64_t most = std::max<int64_t>(MR, kBlockBytes / (kp * 4) / MR * MR);
+  const int64_t blocks = std::max<int64_t>(1, (M + most - 1) / most);
+  return ((M + blocks - 1) / blocks + MR - 1) / MR * MR;
+}
+
 // Work items: (row block, panel, row tile), each thread a contiguous run: a panel is shared by at most two
-// threads, and each thread prefetches the panel after its current one. Row blocks of MB rows keep a block's x
-// rows in L2 while every panel passes (prefill-sized M). fn(part, m0, n, next, t, tiles): one tile, on the
-// thread's run `part` (< at::get_num_threads()).
+// threads, and each thread prefetches the panel after its current one. fn(part, m0, n, next, t, tiles): one tile,
+// on the thread's run `part` (< at::get_num_threads()).
 template <typename F>
 void for_each_tile(const GemmArgs& g, int64_t panels, F fn) {
-  const int64_t M = g.M, MB = MR * 20, blocks = (M + MB - 1) / MB;
+  const int64_t M = g.M, MB = block_rows(M, g.kp), blocks = (M + MB - 1) / MB;
   std::vector<int64_t> first(blocks + 1, 0);  // first item of each row block
   for (int64_t bl = 0; bl < blocks; ++bl)
     first[bl + 1] = first[bl] + panels * ((std::min(MB, M - bl * MB) + MR - 1) / MR);
