@@ -76,6 +76,24 @@ def test_no_venv_gives_a_row_that_says_why(tmp_path):
     _assert_why_row(row, "no vLLM virtualenv", "make bench-deps")
 
 
+def test_our_row_says_when_the_torch_fallback_ran(monkeypatch):
+    """C++ kernels asked for on a CPU but not built here: our row's note says the torch fallback ran (a number
+    8x below the usual one is then the machine's, not the engine's); built, or switched off: no note."""
+    from types import SimpleNamespace
+
+    from nanoflow.bench.offline import _kernels_note
+    from nanoflow.kernels import cpu_ext
+    llm = SimpleNamespace(engine=SimpleNamespace(config=SimpleNamespace(device="cpu", cpp_kernels=True)))
+    monkeypatch.setattr(cpu_ext, "enabled", lambda: True)
+    monkeypatch.setattr(cpu_ext, "load", lambda: None)
+    assert "torch fallback" in _kernels_note(llm)
+    llm.engine.config.cpp_kernels = False
+    assert _kernels_note(llm) is None
+    llm.engine.config.cpp_kernels = True
+    monkeypatch.setattr(cpu_ext, "load", lambda: object())
+    assert _kernels_note(llm) is None
+
+
 @pytest.mark.slow
 def test_vllm_that_cannot_import_gives_a_row_that_says_why(tmp_path, monkeypatch):
     """A "venv" whose python has no vllm: the runner subprocess fails, and the row carries its error."""

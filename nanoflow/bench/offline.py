@@ -184,6 +184,16 @@ def run_vllm_peer(args, llm, requests: list[BenchRequest]) -> dict:
     return run_vllm(model_dir, requests, dtype, budgets, venv=venv)
 
 
+def _kernels_note(llm) -> str | None:
+    """Why our row may be slow for reasons of this machine, not the engine: C++ kernels asked for on a CPU but not
+    built (no compiler, or another process held the build lock past its timeout): the torch fallback ran."""
+    from nanoflow.kernels import cpu_ext
+    cfg = llm.engine.config
+    if cfg.device == "cpu" and cfg.cpp_kernels and cpu_ext.enabled() and cpu_ext.load() is None:
+        return "C++ kernels unavailable here (see the warning above): the torch fallback ran"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.workload.startswith("multiturn:"):
         from nanoflow.bench.multiturn import run_multiturn
@@ -202,6 +212,8 @@ def run(args: argparse.Namespace) -> int:
     peak, best = optimum(llm.model_config, llm.engine.dtype, llm.engine.config.dense_batch, args.peak_seconds, device)
     rows = [{"system": _ours_label(args, llm.engine.config.async_scheduling),
              **run_ours(llm, requests, args.profile)}]
+    if (note := _kernels_note(llm)) is not None:
+        rows[0]["note"] = note
     if getattr(llm.engine, "tp_workers", None) is not None:
         llm.engine.shutdown()  # one tensor-parallel engine per process: the next rows start their own
     rows += run_executors(args, requests)
