@@ -93,12 +93,13 @@ void run_tile(const GemmArgs& g, int64_t m0, int64_t n, const char* next, int64_
   }
 }
 
-// Rows per row block: a block's x rows (at most kBlockBytes of them) stay in L2 while every panel passes, and the
-// blocks are of equal size - fixed 120-row blocks left 256 rows a 16-row third block, a third pass over the weights
-// (the LM head's 57 MB come from DRAM on each pass) for a sliver of work.
+// Rows per row block: a block's x rows stay in L2 (kBlockBytes) while every panel passes, but never fewer than
+// 120 rows (each block is a pass over the weights, from DRAM when they outgrow L3: a 14336-wide K would otherwise
+// get 6-row blocks); and the blocks are of equal size - fixed 120-row blocks left 256 rows a 16-row third block, a
+// third pass over the LM head's 57 MB for a sliver of work.
 constexpr int64_t kBlockBytes = 256 * 1024;
 inline int64_t block_rows(int64_t M, int64_t kp) {
-  const int64_t most = std::max<int64_t>(MR, kBlockBytes / (kp * 4) / MR * MR);
+  const int64_t most = std::max<int64_t>(MR * 20, kBlockBytes / (kp * 4) / MR * MR);
   const int64_t blocks = std::max<int64_t>(1, (M + most - 1) / most);
   return ((M + blocks - 1) / blocks + MR - 1) / MR * MR;
 }
