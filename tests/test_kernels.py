@@ -170,11 +170,11 @@ _panels = pytest.mark.skipif(ext is None or not ext.gemm_bf16_supported(), reaso
 
 @_panels
 @pytest.mark.parametrize("m, n, k", [(1, 960, 576), (5, 100, 64), (13, 576, 1536), (64, 3072, 576), (257, 130, 96),
-                                     (500, 130, 576), (250, 64, 1536)])
+                                     (500, 130, 576), (250, 64, 1536), (0, 130, 96)])
 def test_panel_gemm_matches_float32(m, n, k):
     """The C++ panel GEMM: x W^T (+ b) within one bf16 rounding of the float32 product (products exact,
     float32 sums), for every row-tile remainder (M mod 6), a last panel of fewer than 64 columns and
-    several row blocks (500 x 576, 250 x 1536); `out` writes into rows of a wider buffer."""
+    several row blocks (500 x 576, 250 x 1536) and none (M = 0); `out` writes into rows of a wider buffer."""
     from nanoflow.models.layers import pack_weight, packed_linear
     gen = torch.Generator().manual_seed(m)
     w = torch.randn(n, k, generator=gen).to(torch.bfloat16)

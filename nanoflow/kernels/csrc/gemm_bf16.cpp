@@ -101,7 +101,7 @@ constexpr int64_t kBlockBytes = 256 * 1024;
 inline int64_t block_rows(int64_t M, int64_t kp) {
   const int64_t most = std::max<int64_t>(MR * 20, kBlockBytes / (kp * 4) / MR * MR);
   const int64_t blocks = std::max<int64_t>(1, (M + most - 1) / most);
-  return ((M + blocks - 1) / blocks + MR - 1) / MR * MR;
+  return std::max<int64_t>(MR, ((M + blocks - 1) / blocks + MR - 1) / MR * MR);  // (M = 0: no blocks, no division)
 }
 
 // Work items: (row block, panel, row tile), each thread a contiguous run: a panel is shared by at most two
