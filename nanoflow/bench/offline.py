@@ -212,8 +212,8 @@ def run(args: argparse.Namespace) -> int:
     peak, best = optimum(llm.model_config, llm.engine.dtype, llm.engine.config.dense_batch, args.peak_seconds, device)
     rows = [{"system": _ours_label(args, llm.engine.config.async_scheduling),
              **run_ours(llm, requests, args.profile)}]
-    if (note := _kernels_note(llm)) is not None:
-        rows[0]["note"] = note
+    if (note := _kernels_note(llm)) is not None:  # (beside a tensor-parallel row's all-reduce note, if any)
+        rows[0]["note"] = "; ".join(filter(None, (rows[0].get("note"), note)))
     if getattr(llm.engine, "tp_workers", None) is not None:
         llm.engine.shutdown()  # one tensor-parallel engine per process: the next rows start their own
     rows += run_executors(args, requests)
