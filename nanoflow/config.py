@@ -70,8 +70,9 @@ class EngineConfig:
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     cpp_kernels: bool = True  # C++ CPU kernels (decode attention, fused norm/rope/silu, argmax); off: pure torch
-    packed_gemm: bool = True  # prepacked weights for bf16 GEMMs on a CPU (layers.packed_gemm_supported)
-    cpp_gemm: bool = True  # those GEMMs in the C++ panel kernel (kernels/csrc/gemm_bf16.cpp); off: oneDNN's
+    packed_gemm: bool = True  # prepacked weights for CPU GEMMs (bf16 with native bf16, float32 on AVX2-only CPUs)
+    cpp_gemm: bool = True  # those GEMMs in the C++ panel kernels (csrc/gemm_bf16.cpp, gemm_f32.cpp); off: oneDNN's
+    # for bf16, F.linear for float32
     fused_greedy_head: bool = True  # CPU: plain greedy steps take tokens from the LM head GEMM's running argmax
     cpp_decode_stack: bool = True  # CPU: an all-decode step's layers in one C++ call (flow/cpp_stack.py)
     batch_invariant: bool = False  # greedy output independent of batch-mates (kernels/batch_invariant.py; CPU)
@@ -164,10 +165,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cpp-kernels", dest="cpp_kernels", action="store_false",
                    help="pure-torch CPU path: no C++ kernels, one-GEMM LM head (ablation; also NANOFLOW_NO_CPP=1)")
     g.add_argument("--no-packed-gemm", dest="packed_gemm", action="store_false",
-                   help="F.linear instead of prepacked weights for bf16 GEMMs on a CPU (ablation)")
+                   help="F.linear instead of prepacked weights for CPU GEMMs (ablation)")
     g.add_argument("--no-cpp-gemm", dest="cpp_gemm", action="store_false",
-                   help="oneDNN instead of the C++ GEMM for prepacked bf16 weights on an AVX512-BF16 CPU (ablation: "
-                        "the C++ kernel is 1.1-1.4x oneDNN at decode batches of 1-128 rows)")
+                   help="no C++ panel GEMM (ablation): oneDNN for bf16 on an AVX512-BF16 CPU (the C++ kernel is "
+                        "1.1-1.4x oneDNN at decode batches of 1-128 rows), F.linear for float32 on an AVX2-only CPU")
     g.add_argument("--no-fused-greedy-head", dest="fused_greedy_head", action="store_false",
                    help="CPU (C++ panel GEMM): compute the logits and then their argmax for plain greedy steps instead "
                         "of one LM-head kernel that keeps a running argmax (ablation; the tokens are the same)")

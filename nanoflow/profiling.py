@@ -22,7 +22,8 @@ def region(name: str):
 
 # Profiler event name -> group in the breakdown. Labelled regions come first: they contain aten ops,
 # and only self time is summed, so nothing is counted twice.
-_GROUPS = (("nanoflow::gemm_bf16", "GEMM (linear layers)"), ("nanoflow::", None), ("aten::mm", "GEMM (linear layers)"),
+_GROUPS = (("nanoflow::gemm_bf16", "GEMM (linear layers)"), ("nanoflow::gemm_f32", "GEMM (linear layers)"),
+           ("nanoflow::", None), ("aten::mm", "GEMM (linear layers)"),
            ("aten::addmm", "GEMM (linear layers)"),
            ("mkldnn::_linear_pointwise", "GEMM (linear layers)"), ("aten::linear", "GEMM (linear layers)"),
            ("aten::_scaled_dot_product", "prefill attention (SDPA)"), ("aten::index_copy_", "KV cache write"))

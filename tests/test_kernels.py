@@ -165,88 +165,103 @@ def test_packed_linear_equals_f_linear_bf16(m):
     assert torch.equal(packed_linear(x, packed, b), F.linear(x, w, b))
 
 
-_panels = pytest.mark.skipif(ext is None or not ext.gemm_bf16_supported(), reason="no AVX512-BF16 build here")
+# The panel GEMMs of each dtype (bf16: AVX512-BF16 builds; float32: AVX2+FMA builds, which every x86-64 CPU with
+# AVX-512 also has: the kernel is tested there even though the engine picks it only on AVX2-only CPUs).
+PANEL_DTYPES = [
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(ext is None or not ext.gemm_bf16_supported(),
+                                                          reason="no AVX512-BF16 build here"), id="bf16"),
+    pytest.param(torch.float32, marks=pytest.mark.skipif(ext is None or not ext.gemm_f32_supported(),
+                                                         reason="no AVX2+FMA build here"), id="f32")]
+# One rounding of the float32 product: bf16's output rounding, or float32 sums in another order.
+PANEL_TOL = {torch.bfloat16: lambda k: dict(atol=1e-3 * k ** 0.5, rtol=2 ** -8),
+             torch.float32: lambda k: dict(atol=1e-5 * k ** 0.5, rtol=1e-5)}
 
 
-@_panels
+def _panel_argmax(dtype):
+    return ext.gemm_f32_argmax if dtype == torch.float32 else ext.gemm_bf16_argmax
+
+
+@pytest.mark.parametrize("dtype", PANEL_DTYPES)
 @pytest.mark.parametrize("m, n, k", [(1, 960, 576), (5, 100, 64), (13, 576, 1536), (64, 3072, 576), (257, 130, 96),
                                      (500, 130, 576), (250, 64, 1536), (0, 130, 96)])
-def test_panel_gemm_matches_float32(m, n, k):
-    """The C++ panel GEMM: x W^T (+ b) within one bf16 rounding of the float32 product (products exact,
-    float32 sums), for every row-tile remainder (M mod 6), a last panel of fewer than 64 columns and
-    several row blocks (500 x 576, 250 x 1536) and none (M = 0); `out` writes into rows of a wider buffer."""
+def test_panel_gemm_matches_float32(m, n, k, dtype):
+    """The C++ panel GEMM: x W^T (+ b) within one rounding of the exact product (bf16: products exact, float32
+    sums, one bf16 rounding; float32: K summed in order), for every row-tile remainder (M mod 6), a last panel
+    of fewer columns than a panel and several row blocks (500 x 576, 250 x 1536) and none (M = 0); `out` writes
+    into rows of a wider buffer."""
     from nanoflow.models.layers import pack_weight, packed_linear
     gen = torch.Generator().manual_seed(m)
-    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
-    b = torch.randn(n, generator=gen).to(torch.bfloat16)
-    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
     packed = pack_weight(w, m, "panels")
     assert packed.kind == "panels"
-    want = x.float() @ w.float().t() + b.float()
+    want = (x.double() @ w.double().t() + b.double()).float()
     got = packed_linear(x, packed, b)
-    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
-    torch.testing.assert_close(got.float(), want, atol=1e-3 * k ** 0.5, rtol=2 ** -8)
-    buf = torch.zeros(m + 3, n + 5, dtype=torch.bfloat16)
+    assert got.dtype == dtype and got.shape == (m, n)
+    torch.testing.assert_close(got.float(), want, **PANEL_TOL[dtype](k))
+    buf = torch.zeros(m + 3, n + 5, dtype=dtype)
     packed_linear(x, packed, b, out=buf[2:2 + m, 3:3 + n])
     assert torch.equal(buf[2:2 + m, 3:3 + n], got) and buf[:2].abs().sum() == 0 and buf[:, :3].abs().sum() == 0
 
 
-@_panels
-def test_panel_gemm_rows_independent_of_batch():
+@pytest.mark.parametrize("dtype", PANEL_DTYPES)
+def test_panel_gemm_rows_independent_of_batch(dtype):
     """A row's result does not depend on how many rows share the call or where it sits (one K order per
     output, whatever the tiling and thread split)."""
     from nanoflow.models.layers import pack_weight, packed_linear
     gen = torch.Generator().manual_seed(1)
-    w = torch.randn(576, 576, generator=gen).to(torch.bfloat16)
-    x = torch.randn(500, 576, generator=gen).to(torch.bfloat16)  # (three row blocks)
+    w = torch.randn(576, 576, generator=gen).to(dtype)
+    x = torch.randn(500, 576, generator=gen).to(dtype)  # (several row blocks)
     packed = pack_weight(w, 64, "panels")
     full = packed_linear(x, packed)
     for lo, hi in ((0, 1), (7, 20), (150, 200), (3, 130), (100, 500)):
         assert torch.equal(packed_linear(x[lo:hi], packed), full[lo:hi])
 
 
-@_panels
+@pytest.mark.parametrize("dtype", PANEL_DTYPES)
 @pytest.mark.parametrize("m", [1, 6, 37])
-def test_panel_gemm_glu_matches_silu_of_float32(m):
-    """GLU packing: the gate/up GEMM returns silu(gate) * up from its float32 sums (one bf16 rounding), like
-    the unfused GEMM and silu_and_mul (two roundings) within bf16 tolerance; C++ kernels off: the same math
-    through F.linear."""
+def test_panel_gemm_glu_matches_silu_of_float32(m, dtype):
+    """GLU packing: the gate/up GEMM returns silu(gate) * up from its float32 sums (bf16: one rounding), like
+    the unfused GEMM and silu_and_mul within the dtype's tolerance; C++ kernels off: the same math through
+    F.linear."""
     from nanoflow.models.layers import pack_weight, packed_linear, silu_and_mul
     gen = torch.Generator().manual_seed(m)
     inter, k = 192, 128
-    w = (torch.randn(2 * inter, k, generator=gen) / k ** 0.5).to(torch.bfloat16)
-    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(2 * inter, k, generator=gen) / k ** 0.5).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
     packed = pack_weight(w, m, "panels", glu=True)
     assert packed.glu
-    gu = x.float() @ w.float().t()
-    want = F.silu(gu[:, :inter]) * gu[:, inter:]
+    gu = x.double() @ w.double().t()
+    want = (F.silu(gu[:, :inter]) * gu[:, inter:]).float()
     got = packed_linear(x, packed)
     assert got.shape == (m, inter)
-    torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=2 ** -7)
-    torch.testing.assert_close(got, silu_and_mul(packed_linear(x, pack_weight(w, m, "panels"))), **TOL[torch.bfloat16])
+    torch.testing.assert_close(got.float(), want, **(dict(atol=1e-2, rtol=2 ** -7) if dtype == torch.bfloat16
+                                                     else TOL[torch.float32]))
+    torch.testing.assert_close(got, silu_and_mul(packed_linear(x, pack_weight(w, m, "panels"))), **TOL[dtype])
     with cpu_ext.switched(False):
-        torch.testing.assert_close(packed_linear(x, packed), got, **TOL[torch.bfloat16])
+        torch.testing.assert_close(packed_linear(x, packed), got, **TOL[dtype])
 
 
-@_panels
+@pytest.mark.parametrize("dtype", PANEL_DTYPES)
 @pytest.mark.parametrize("m, n", [(1, 4100), (7, 130), (64, 49152 // 8), (131, 700), (2500, 130)])
-def test_panel_gemm_argmax_is_argmax_of_its_logits(m, n):
-    """The fused LM head + argmax returns what argmax_rows picks from gemm_bf16's bf16 output, first maximum
+def test_panel_gemm_argmax_is_argmax_of_its_logits(m, n, dtype):
+    """The fused LM head + argmax returns what argmax_rows picks from the panel GEMM's output, first maximum
     included: ties are forced by duplicated weight rows (in other panels, hence other threads' runs, and in the
     same panel), for row-tile remainders, a partial last panel and row blocks."""
     from nanoflow.models.layers import pack_weight, packed_linear
     gen = torch.Generator().manual_seed(n)
     k = 64
-    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=gen).to(dtype)
     hot = torch.randint(0, n, (8,), generator=gen)
     top = w[hot[0]].abs() * 4
     w[hot] = top  # eight equal rows whose products with x (positive) beat every other row's: a tie for the maximum
     w[n - 1] = top  # ... one of them in the partial last panel
-    x = torch.randn(m, k, generator=gen).abs().to(torch.bfloat16)
+    x = torch.randn(m, k, generator=gen).abs().to(dtype)
     x[0] = -x[0]  # except row 0: its maximum is elsewhere
     packed = pack_weight(w, m, "panels")
     logits = packed_linear(x, packed)
     want = ext.argmax_rows(logits)
     assert torch.equal(want, logits.float().argmax(dim=-1))  # torch's tie rule: the first maximum
-    assert torch.equal(ext.gemm_bf16_argmax(x, packed.data, n), want)
+    assert torch.equal(_panel_argmax(dtype)(x, packed.data, n), want)
     assert (want[1:] == min(hot.min().item(), n - 1)).all()  # the ties were real

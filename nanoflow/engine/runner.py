@@ -61,8 +61,9 @@ def build_model_for(config, model_config: ModelConfig, tp_group=None):
     if torch.device(config.device).type == "cpu" and config.cpp_kernels:
         cpu_ext.get()  # build/load the C++ kernels now, not inside the first step (TP: before the ranks' barrier)
         model.paged_prefill = config.paged_prefill
-    if config.packed_gemm and packed_gemm_supported(dtype, config.device) and _room_for_packed(model):
-        panels = config.cpp_kernels and config.cpp_gemm and gemm_panels_supported(dtype)
+    on_cpu = torch.device(config.device).type == "cpu"
+    panels = on_cpu and config.cpp_kernels and config.cpp_gemm and gemm_panels_supported(dtype)
+    if config.packed_gemm and (panels or packed_gemm_supported(dtype, config.device)) and _room_for_packed(model):
         # (batch-invariant mode keeps gate/up unfused: its GEMMs go through Linear in fixed row tiles)
         model.prepack_linears(config.dense_batch, "panels" if panels else "onednn", not config.batch_invariant)
     if config.batch_invariant:

@@ -19,9 +19,9 @@ from nanoflow import env, profiling
 log = logging.getLogger(__name__)
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _SOURCES = [os.path.join(_CSRC, f) for f in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp", "gemm_bf16.cpp",
-                                                   "decode_stack.cpp")]
+                                                   "gemm_f32.cpp", "decode_stack.cpp")]
 # (in the build key: a header change is a new build)
-_HEADERS = [os.path.join(_CSRC, f) for f in ("vec.h", "decode_common.h", "decode_bf16.h", "decode_f32.h")]
+_HEADERS = [os.path.join(_CSRC, f) for f in ("vec.h", "gemm_tiles.h", "decode_common.h", "decode_bf16.h", "decode_f32.h")]
 _env_off = env.no_cpp()
 # Outside a step: on unless NANOFLOW_NO_CPP; inside one: that engine's choice (switched). A context variable,
 # so engines stepping at the same time on different threads each see their own.
@@ -112,6 +112,12 @@ def build_dir() -> str:
                                             os.path.dirname(os.path.abspath(_SOURCES[0]))]).encode())
     tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-{h.hexdigest()[:16]}"
     return os.path.join(env.cache_dir("cpp"), tag.replace("+", "_"))
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has(flag: str) -> bool:
+    """Whether this CPU has instruction-set `flag` (as /proc/cpuinfo spells it, e.g. "avx512f")."""
+    return flag in _cpu_flags().split()
 
 
 def _cpu_flags() -> str:

@@ -122,10 +122,11 @@ def packed_gemm_supported(dtype: torch.dtype, device: torch.device | str) -> boo
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A linear weight prepacked once for a CPU GEMM: "panels" for the C++ kernel (kernels/csrc/gemm_bf16.cpp:
-    64-column panels of bf16 pairs), "onednn" for oneDNN's blocked layout. `weight` is the [N, K] original
-    (not a copy): the fallback when a step runs with C++ kernels off. `glu` (panels, an MLP's fused gate/up
-    weight): the GEMM returns silu(gate) * up [M, N / 2], computed from its float32 sums."""
+    """A linear weight prepacked once for a CPU GEMM: "panels" for the C++ kernels (bf16: kernels/csrc/gemm_bf16.cpp,
+    64-column panels of bf16 pairs; float32: gemm_f32.cpp, 16-column panels), "onednn" for oneDNN's blocked
+    layout. `weight` is the [N, K] original (not a copy): the fallback when a step runs with C++ kernels off. `glu`
+    (panels, an MLP's fused gate/up weight): the GEMM returns silu(gate) * up [M, N / 2], computed from its float32
+    sums."""
     kind: str
     data: torch.Tensor
     weight: torch.Tensor
@@ -133,24 +134,37 @@ class PackedWeight:
 
 
 def gemm_panels_supported(dtype: torch.dtype) -> bool:
-    """The C++ panel GEMM runs here: bf16, C++ kernels on and built with AVX512-BF16."""
+    """The C++ panel GEMM runs here (C++ kernels on): bf16 built with AVX512-BF16; float32 built with AVX2+FMA, on a
+    CPU without AVX-512 (there MKL's own AVX-512 float32 GEMM was not measured against it)."""
     ext = cpu_ext.get()
-    return dtype == torch.bfloat16 and ext is not None and ext.gemm_bf16_supported()
+    if ext is None:
+        return False
+    if dtype == torch.bfloat16:
+        return ext.gemm_bf16_supported()
+    return dtype == torch.float32 and ext.gemm_f32_supported() and not cpu_ext.cpu_has("avx512f")
 
 
 def pack_weight(w: torch.Tensor, m_hint: int, kind: str = "onednn", glu: bool = False) -> PackedWeight:
     """`w` [N, K] in `kind`'s layout; oneDNN's is blocked for GEMMs of about `m_hint` rows (any M works).
-    `glu`: `w` is gate rows then up rows, packed for the fused silu(gate) * up (panels, N a multiple of 64)."""
+    `glu`: `w` is gate rows then up rows, packed for the fused silu(gate) * up (panels, N a multiple of 2 panels).
+    Panels: bf16 [N / 64, K / 2, 64, 2] (pairs of K for vdpbf16ps), float32 [N / 16, K, 16]."""
+    if kind == "panels" and w.dtype == torch.float32:
+        return _pack_panels(w, 16, glu, lambda p, k: p.view(-1, 16, k).permute(0, 2, 1))
     if kind == "panels" and w.shape[1] % 2 == 0:
-        n, k = w.shape
-        glu = glu and n % 64 == 0
-        rows = w.view(2, n // 64, 32, k).transpose(0, 1).reshape(n, k) if glu else w  # gate 32, up 32, ...
-        panels = -(-n // 64)
-        padded = w.new_zeros(panels * 64, k)
-        padded[:n] = rows
-        layout = padded.view(panels, 64, k // 2, 2).permute(0, 2, 1, 3)
-        return PackedWeight(kind, host_memory.empty(layout.shape, w.dtype).copy_(layout), w, glu)
+        return _pack_panels(w, 64, glu, lambda p, k: p.view(-1, 64, k // 2, 2).permute(0, 2, 1, 3))
     return PackedWeight("onednn", torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), m_hint), w)
+
+
+def _pack_panels(w: torch.Tensor, cols: int, glu: bool, layout) -> PackedWeight:
+    """w's rows zero-padded to whole panels of `cols` and laid out by `layout(padded, K)`; GLU: each panel holds
+    cols / 2 gate rows then the same cols / 2 up rows."""
+    n, k = w.shape
+    glu = glu and n % cols == 0
+    rows = w.view(2, n // cols, cols // 2, k).transpose(0, 1).reshape(n, k) if glu else w
+    padded = w.new_zeros(-(-n // cols) * cols, k)
+    padded[:n] = rows
+    packed = layout(padded, k)
+    return PackedWeight("panels", host_memory.empty(packed.shape, w.dtype).copy_(packed), w, glu)
 
 
 def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None,
@@ -161,7 +175,8 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
         ext = cpu_ext.get()
         if ext is not None:
             n = packed.weight.shape[0] // (2 if packed.glu else 1)
-            y = ext.gemm_bf16(x.reshape(-1, x.shape[-1]), packed.data, n, bias, out, packed.glu)
+            gemm = ext.gemm_f32 if packed.data.dtype == torch.float32 else ext.gemm_bf16
+            y = gemm(x.reshape(-1, x.shape[-1]), packed.data, n, bias, out, packed.glu)
             return y if out is not None else y.view(*x.shape[:-1], n)
         y = F.linear(x, packed.weight, bias)
         y = silu_and_mul(y) if packed.glu else y

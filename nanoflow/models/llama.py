@@ -146,7 +146,10 @@ class LlamaForCausalLM(nn.Module):
         if head is None or head.kind != "panels" or self.tp is not None or self.batch_invariant:
             return None
         ext = cpu_ext.get()
-        return None if ext is None else ext.gemm_bf16_argmax(hidden, head.data, head.weight.shape[0])
+        if ext is None:
+            return None
+        argmax = ext.gemm_f32_argmax if head.data.dtype == torch.float32 else ext.gemm_bf16_argmax
+        return argmax(hidden, head.data, head.weight.shape[0])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits over the whole vocabulary; under TP gathered on rank 0, which samples (None elsewhere)."""

@@ -14,6 +14,10 @@ bool gemm_bf16_supported();
 torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w_packed, int64_t N, c10::optional<torch::Tensor> bias,
                         c10::optional<torch::Tensor> out, bool glu);
 torch::Tensor gemm_bf16_argmax(torch::Tensor x, torch::Tensor w_packed, int64_t N);
+bool gemm_f32_supported();
+torch::Tensor gemm_f32(torch::Tensor x, torch::Tensor w_packed, int64_t N, c10::optional<torch::Tensor> bias,
+                       c10::optional<torch::Tensor> out, bool glu);
+torch::Tensor gemm_f32_argmax(torch::Tensor x, torch::Tensor w_packed, int64_t N);
 void write_kv_packed(torch::Tensor kv_cache, torch::Tensor k, torch::Tensor v, torch::Tensor slot_mapping);
 std::vector<torch::Tensor> decode_stack(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin,
                                         torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor lens,
@@ -39,5 +43,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_stack", &decode_stack, "a decode step's layer stack (flow/cpp_stack.py)", nogil());
   m.def("gemm_bf16_argmax", &gemm_bf16_argmax, "row-wise argmax of x W^T (bf16-rounded) against 64-column panels",
         nogil());
+  m.def("gemm_f32_supported", &gemm_f32_supported, "whether gemm_f32 is built (AVX2+FMA, no AVX-512)");
+  m.def("gemm_f32", &gemm_f32, "x W^T (+ b) against float32 weights packed in 16-column panels", py::arg("x"),
+        py::arg("w_packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("out") = py::none(),
+        py::arg("glu") = false, nogil());
+  m.def("gemm_f32_argmax", &gemm_f32_argmax, "row-wise argmax of x W^T against float32 16-column panels", nogil());
   m.def("rope_inplace", &rope_inplace, "rotate-half RoPE in place on q and k heads", nogil());
 }

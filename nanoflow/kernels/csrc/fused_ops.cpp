@@ -13,6 +13,10 @@ namespace {
 template <typename T>
 inline float f32(T x) { return static_cast<float>(x); }
 
+// silu(g) = g / (1 + exp(-g)), exp's argument clamped as the vector kernels do: under -ffast-math an infinite
+// exp(-g) (g < -88) is not a case the compiler keeps, and such rows came out non-finite (bf16 on AVX2-only CPUs).
+inline float silu_scalar(float g) { return g / (1.f + std::exp(std::min(-g, 88.f))); }
+
 constexpr int64_t kGrain = 16;  // rows per task: small enough to balance 2-8 threads at decode sizes
 
 using namespace nanoflow_vec;
@@ -50,7 +54,7 @@ void silu_and_mul_row_f32(const float* g, const float* u, float* o, int64_t I) {
   for (; i + 8 <= I; i += 8) {
     _mm256_storeu_ps(o + i, _mm256_mul_ps(silu256_ps(_mm256_loadu_ps(g + i)), _mm256_loadu_ps(u + i)));
   }
-  for (; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  for (; i < I; ++i) o[i] = silu_scalar(g[i]) * u[i];
 }
 #endif
 
@@ -120,8 +124,7 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
         }
 #endif
         for (int64_t i = 0; i < I; ++i) {
-          const float gv = f32(g[i]);
-          o[i] = static_cast<scalar_t>(gv / (1.f + std::exp(-gv)) * f32(u[i]));
+          o[i] = static_cast<scalar_t>(silu_scalar(f32(g[i])) * f32(u[i]));
         }
       }
     });

@@ -13,13 +13,15 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <vector>
+#include "gemm_tiles.h"
 #include "vec.h"
 
 #ifdef NANOFLOW_AVX512BF16
 namespace {
 
 using namespace nanoflow_vec;
-constexpr int64_t NR = 64, MR = 6;
+using nanoflow_gemm::MR;
+constexpr int64_t NR = 64;
 
 struct GemmArgs {
   const uint16_t* x;
@@ -93,42 +95,10 @@ void run_tile(const GemmArgs& g, int64_t m0, int64_t n, const char* next, int64_
   }
 }
 
-// Rows per row block: a block's x rows stay in L2 (kBlockBytes) while every panel passes, but never fewer than
-// 120 rows (each block is a pass over the weights, from DRAM when they outgrow L3: a 14336-wide K would otherwise
-// get 6-row blocks); and the blocks are of equal size - fixed 120-row blocks left 256 rows a 16-row third block, a
-// third pass over the LM head's 57 MB for a sliver of work.
-constexpr int64_t kBlockBytes = 256 * 1024;
-inline int64_t block_rows(int64_t M, int64_t kp) {
-  const int64_t most = std::max<int64_t>(MR * 20, kBlockBytes / (kp * 4) / MR * MR);
-  const int64_t blocks = std::max<int64_t>(1, (M + most - 1) / most);
-  return std::max<int64_t>(MR, ((M + blocks - 1) / blocks + MR - 1) / MR * MR);  // (M = 0: no blocks, no division)
-}
-
-// Work items: (row block, panel, row tile), each thread a contiguous run: a panel is shared by at most two
-// threads, and each thread prefetches the panel after its current one. fn(part, m0, n, next, t, tiles): one tile,
-// on the thread's run `part` (< at::get_num_threads()).
+// (x rows: kp pairs of bf16, 4 bytes each; a panel: kp x 64 pairs)
 template <typename F>
 void for_each_tile(const GemmArgs& g, int64_t panels, F fn) {
-  const int64_t M = g.M, MB = block_rows(M, g.kp), blocks = (M + MB - 1) / MB;
-  std::vector<int64_t> first(blocks + 1, 0);  // first item of each row block
-  for (int64_t bl = 0; bl < blocks; ++bl)
-    first[bl + 1] = first[bl] + panels * ((std::min(MB, M - bl * MB) + MR - 1) / MR);
-  const int64_t items = first[blocks];
-  if (items == 0) return;
-  const int64_t parts = std::min<int64_t>(items, at::get_num_threads());
-  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
-    for (int64_t part = pb; part < pe; ++part) {
-      const int64_t begin = items * part / parts, end = items * (part + 1) / parts;
-      for (int64_t i = begin, bl = 0; i < end; ++i) {
-        while (i >= first[bl + 1]) ++bl;
-        const int64_t tiles = (first[bl + 1] - first[bl]) / panels, j = i - first[bl];
-        const int64_t n = j / tiles, t = j % tiles;
-        const bool more = n + 1 < panels && first[bl] + (n + 1) * tiles < end;  // this thread does panel n + 1
-        const char* next = more ? reinterpret_cast<const char*>(g.w + (n + 1) * g.kp * NR * 2) : nullptr;
-        fn(part, bl * MB + t * MR, n, next, t, tiles);
-      }
-    }
-  });
+  nanoflow_gemm::for_each_tile(g.M, g.kp * 4, MR * 20, g.w, g.kp * NR * 2 * sizeof(uint16_t), panels, fn);
 }
 
 // Folds a tile's bf16 outputs (scratch [rows][64], panel columns from n0) into each row's running maximum and its
