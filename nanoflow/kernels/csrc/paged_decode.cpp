@@ -53,8 +53,8 @@ void decode_item(const T* q, const T* kc, const T* vc, DecodeArgs a, int64_t nkv
   for (int64_t h = 0; h < nkv; ++h, ++a.kvh, q += a.G * a.D, out += a.G * a.D) {
 #ifdef NANOFLOW_AVX2
     if constexpr (std::is_same_v<T, float>) {
-      if (a.D == 64) { decode_f32_avx2<8>(q, kc, vc, a, out, scores, acc); continue; }
-      if (a.D == 128) { decode_f32_avx2<16>(q, kc, vc, a, out, scores, acc); continue; }
+      if (a.D == 64) { decode_f32_avx2<8>(q, kc, vc, a, out, scores); continue; }
+      if (a.D == 128) { decode_f32_avx2<16>(q, kc, vc, a, out, scores); continue; }
     }
 #endif
     decode_portable(q, kc, vc, a, out, scores, acc);
