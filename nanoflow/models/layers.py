@@ -114,8 +114,8 @@ class Linear(nn.Module):
 def packed_gemm_supported(dtype: torch.dtype, device: torch.device | str) -> bool:
     """oneDNN prepacked weights pay for bfloat16 on a CPU that multiplies bf16 natively: 1.05-1.15x F.linear
     at M >= 256 and 1.3-1.8x at M <= 64 (SmolLM2's shapes, 2 AVX512-BF16 cores), with bit-identical results.
-    float32 is left to F.linear: oneDNN sums in another order, and the float32 path is the one that must match
-    HF bit for bit."""
+    Not for float32 (oneDNN sums in another order): there the C++ panel GEMM runs on AVX2-only CPUs
+    (gemm_panels_supported), F.linear elsewhere."""
     return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
