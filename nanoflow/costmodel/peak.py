@@ -78,9 +78,9 @@ def _sliced_n(n: int, k: int, m: int, elt: int, device: str) -> int:
 def _time_linear(x: torch.Tensor, w: torch.Tensor, budget: float, sync: Callable[[], None]) -> float:
     """Seconds per call of x @ w^T after warmup: the fastest single call within `budget`, of F.linear and,
     where the engine uses them, prepacked weights for oneDNN (bf16 on a CPU with native bf16) and for the C++
-    panel GEMMs (those and float32 on an AVX2-only CPU): the peak is the fastest GEMM the machine has, whatever the engine runs. The fastest, not the
-    mean: this is a peak, and on a shared machine a descheduled OpenMP thread makes some calls several times
-    slower."""
+    panel GEMMs (those, and float32 on an AVX2-only CPU): the peak is the fastest GEMM the machine has, whatever
+    the engine runs. The fastest, not the mean: this is a peak, and on a shared machine a descheduled OpenMP
+    thread makes some calls several times slower."""
     from nanoflow.models.layers import gemm_panels_supported, pack_weight, packed_gemm_supported, packed_linear
     best = _time_call(lambda: F.linear(x, w), budget, sync)
     kinds = ["onednn"] if packed_gemm_supported(w.dtype, w.device) else []
