@@ -97,14 +97,7 @@ void tile(const GemmArgs& g, int64_t m0, int64_t n, const char* next, int64_t pa
 
 template <bool GLU>
 void run_tile(const GemmArgs& g, int64_t m0, int64_t n, const char* next, int64_t part, int64_t parts) {
-  switch (std::min(MR, g.M - m0)) {
-    case 1: tile<1, GLU>(g, m0, n, next, part, parts); break;
-    case 2: tile<2, GLU>(g, m0, n, next, part, parts); break;
-    case 3: tile<3, GLU>(g, m0, n, next, part, parts); break;
-    case 4: tile<4, GLU>(g, m0, n, next, part, parts); break;
-    case 5: tile<5, GLU>(g, m0, n, next, part, parts); break;
-    default: tile<6, GLU>(g, m0, n, next, part, parts); break;
-  }
+  nanoflow_gemm::with_tile_rows(g.M - m0, [&](auto R) { tile<decltype(R)::value, GLU>(g, m0, n, next, part, parts); });
 }
 
 // Row blocks of at least 48 rows (not bf16's 120): float32 x rows are twice as long, and a block that overflows L2
@@ -185,24 +178,17 @@ torch::Tensor gemm_f32_argmax(torch::Tensor x, torch::Tensor w_packed, int64_t N
   const int64_t M = x.size(0), panels = w_packed.size(0);
   auto tokens = torch::zeros({M}, x.options().dtype(torch::kLong));
 #ifdef NANOFLOW_AVX2
-  const int64_t threads = at::get_num_threads();
-  std::vector<float> best(threads * M, -INFINITY);
-  std::vector<int64_t> arg(threads * M, 0);
-  std::vector<std::vector<float>> scratch(threads, std::vector<float>(MR * NR));
+  nanoflow_gemm::RowArgmax maxima(M);
+  std::vector<std::vector<float>> scratch(maxima.threads, std::vector<float>(MR * NR));
   GemmArgs g{x.data_ptr<float>(), x.stride(0), M, N, x.size(1), w_packed.data_ptr<float>(), nullptr, nullptr, NR,
              true};
   for_each_tile(g, panels, [&](int64_t part, int64_t m0, int64_t n, const char* next, int64_t t, int64_t tiles) {
     GemmArgs gt = g;
     gt.y = scratch[part].data();
     run_tile<false>(gt, m0, n, next, t, tiles);
-    argmax_tile(gt.y, std::min(MR, M - m0), n * NR, N, best.data() + part * M + m0, arg.data() + part * M + m0);
+    argmax_tile(gt.y, std::min(MR, M - m0), n * NR, N, maxima.best_at(part, m0), maxima.arg_at(part, m0));
   });
-  int64_t* out = tokens.data_ptr<int64_t>();
-  for (int64_t m = 0; m < M; ++m) {
-    float b = -INFINITY;
-    for (int64_t p = 0; p < threads; ++p)
-      if (best[p * M + m] > b) { b = best[p * M + m]; out[m] = arg[p * M + m]; }
-  }
+  maxima.merge_into(tokens.data_ptr<int64_t>());
 #endif
   return tokens;
 }

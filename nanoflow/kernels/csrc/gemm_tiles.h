@@ -4,7 +4,9 @@
 #pragma once
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace nanoflow_gemm {
@@ -51,5 +53,37 @@ void for_each_tile(int64_t M, int64_t row_bytes, int64_t min_rows, const void* w
     }
   });
 }
+
+// Calls f(std::integral_constant<int, R>{}) with R = min(MR, rows): a tile's row count as a template argument.
+template <typename F>
+inline void with_tile_rows(int64_t rows, F f) {
+  switch (std::min(MR, rows)) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    default: f(std::integral_constant<int, 6>{}); break;
+  }
+}
+
+// The fused LM head + argmax's bookkeeping: each thread's run (`part`) keeps its rows' running maxima and their
+// columns, merged in thread order - runs cover increasing panels, so on a tie the first column wins.
+struct RowArgmax {
+  explicit RowArgmax(int64_t M)
+      : M(M), threads(at::get_num_threads()), best(threads * M, -INFINITY), arg(threads * M, 0) {}
+  float* best_at(int64_t part, int64_t m0) { return best.data() + part * M + m0; }
+  int64_t* arg_at(int64_t part, int64_t m0) { return arg.data() + part * M + m0; }
+  void merge_into(int64_t* out) const {
+    for (int64_t m = 0; m < M; ++m) {
+      float b = -INFINITY;
+      for (int64_t p = 0; p < threads; ++p)
+        if (best[p * M + m] > b) { b = best[p * M + m]; out[m] = arg[p * M + m]; }
+    }
+  }
+  const int64_t M, threads;
+  std::vector<float> best;
+  std::vector<int64_t> arg;
+};
 
 }  // namespace nanoflow_gemm
