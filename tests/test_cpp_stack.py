@@ -10,12 +10,22 @@ from nanoflow.flow.cpp_stack import CppDecodeStack, stack_tensors
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4, 5,", "Once upon a time,"]
 
 
+def _stack_llm(dtype: str, **kwargs) -> LLM:
+    llm = LLM("default", dtype=dtype, **kwargs)
+    if not isinstance(llm.engine.runner.executor, CppDecodeStack) or stack_tensors(llm.engine.runner.model) is None:
+        pytest.skip(f"no C++ panel GEMM for {dtype} here (bf16: AVX512-BF16; float32: AVX2 without AVX-512), "
+                    "so no stack")
+    return llm
+
+
 @pytest.fixture
 def bf16_llm():
-    llm = LLM("default", dtype="bfloat16")
-    if not isinstance(llm.engine.runner.executor, CppDecodeStack) or stack_tensors(llm.engine.runner.model) is None:
-        pytest.skip("no AVX512-BF16 build here: the C++ panel GEMM and packed K pages are off, so is the stack")
-    return llm
+    return _stack_llm("bfloat16")
+
+
+@pytest.fixture(params=["bfloat16", "float32"])
+def stack_llm(request):
+    return _stack_llm(request.param)
 
 
 def _decode_step(llm, n_steps: int = 3):
@@ -32,9 +42,10 @@ def _decode_step(llm, n_steps: int = 3):
     return eng.runner.prepare(batch)
 
 
-def test_stack_equals_python_forward_bit_for_bit(bf16_llm):
-    runner = bf16_llm.engine.runner
-    inp = _decode_step(bf16_llm)
+def test_stack_equals_python_forward_bit_for_bit(stack_llm):
+    """bf16 (packed KV pages, written by the attention kernel) and float32 (KV rows, written by index_copy_)."""
+    runner = stack_llm.engine.runner
+    inp = _decode_step(stack_llm)
     stack, plain = runner.executor, runner.executor.executor
     assert stack._takes(inp.input_ids, inp.meta) and stack._stack_tensors() is not None  # the C++ call runs
     # (each call writes the step's K/V to the same slots with the same values: the calls do not disturb each other)
@@ -43,10 +54,10 @@ def test_stack_equals_python_forward_bit_for_bit(bf16_llm):
     assert torch.equal(fast, slow)
 
 
-def test_same_tokens_and_logprobs_with_and_without(bf16_llm):
+def test_same_tokens_and_logprobs_with_and_without(stack_llm):
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
-    on = bf16_llm.generate(PROMPTS, params, use_tqdm=False)
-    off = LLM("default", dtype="bfloat16", cpp_decode_stack=False)
+    on = stack_llm.generate(PROMPTS, params, use_tqdm=False)
+    off = LLM("default", dtype=stack_llm.engine.config.dtype, cpp_decode_stack=False)
     assert not isinstance(off.engine.runner.executor, CppDecodeStack)
     off_outs = off.generate(PROMPTS, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in on] == [o.outputs[0].token_ids for o in off_outs]
@@ -54,8 +65,8 @@ def test_same_tokens_and_logprobs_with_and_without(bf16_llm):
 
 
 def test_models_and_steps_it_does_not_fit():
-    """float32 (F.linear GEMMs), oneDNN's packed GEMM and other executors keep the Python forward."""
-    f32 = LLM("default", dtype="float32")
+    """F.linear GEMMs (--no-cpp-gemm), oneDNN's packed GEMM and other executors keep the Python forward."""
+    f32 = LLM("default", dtype="float32", cpp_gemm=False)
     assert stack_tensors(f32.engine.runner.model) is None
     onednn = LLM("default", dtype="bfloat16", cpp_gemm=False)
     assert stack_tensors(onednn.engine.runner.model) is None

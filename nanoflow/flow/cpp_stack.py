@@ -4,9 +4,10 @@ counterpart of replaying a CUDA graph (`flow/cuda_graphs.py`). At 64 decode rows
 of a 95 ms step between its ~270 kernel calls; the C++ loop spends microseconds and releases the GIL once.
 
 A step takes it when every row decodes and every operation of the Python forward would be one of those C++
-kernels: a CPU model in bf16 on one device, panel-packed GEMMs (gate/up GLU-packed), packed KV pages, not
-batch-invariant, the sequential executor, no nano-op trace being recorded. Anything else (prefill chunks,
-float32, oneDNN GEMMs, ...) runs the wrapped executor. The hidden states are the same bit for bit
+kernels: a CPU model on one device with panel-packed GEMMs (gate/up GLU-packed: bf16 on AVX512-BF16, float32
+on AVX2-only CPUs), not batch-invariant, the sequential executor, no nano-op trace being recorded; KV pages
+packed (bf16) or rows (float32, written as attention.write_kv writes them). Anything else (prefill chunks,
+F.linear or oneDNN GEMMs, ...) runs the wrapped executor. The hidden states are the same bit for bit
 (tests/test_cpp_stack.py); `--no-cpp-decode-stack` (EngineConfig.cpp_decode_stack) switches it off.
 """
 from __future__ import annotations
@@ -37,13 +38,14 @@ class CppDecodeStack(ExecutorWrapper):
         hidden, residual = cpu_ext.load().decode_stack(
             model.embed(input_ids), positions, model.rope.cos_sin, meta.slot_mapping, meta.decode_block_tables,
             meta.decode_context_lens, layers, kv_caches,
-            [c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size], attn.scale, norm.eps)
+            [c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size], attn.scale, norm.eps,
+            meta.kv_packed)
         return model.norm(hidden, residual)[0]
 
     def _takes(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """This step: all rows decode, packed KV pages, C++ kernels on for it, no nano-op trace wanted."""
-        return (not meta.prefills and meta.num_decode == input_ids.shape[0] > 0 and meta.kv_packed
-                and cpu_ext.enabled() and self.executor.trace is None)
+        """This step: all rows decode, C++ kernels on for it, no nano-op trace wanted."""
+        return (not meta.prefills and meta.num_decode == input_ids.shape[0] > 0 and cpu_ext.enabled()
+                and self.executor.trace is None)
 
     def _stack_tensors(self) -> list[torch.Tensor] | None:
         """decode_stack.cpp's per-layer tensors, or None (an empty list) when the model does not fit it."""
@@ -66,7 +68,7 @@ def stack_tensors(model) -> list[torch.Tensor] | None:
                 or [p.glu for p in linears] != [False, False, True, False] or mlp.down_proj.bias is not None:
             return None
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        if any(w.dtype != torch.bfloat16 for w in norms):
+        if any(w.dtype != linears[0].data.dtype for w in norms):  # (fused_add_rms_norm: one dtype)
             return None
         bias = attn.qkv_proj.bias if attn.qkv_proj.bias is not None else norms[0].new_empty(0)
         out += [norms[0], linears[0].data, bias, linears[1].data, norms[1], linears[2].data, linears[3].data]

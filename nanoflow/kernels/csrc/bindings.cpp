@@ -22,7 +22,7 @@ void write_kv_packed(torch::Tensor kv_cache, torch::Tensor k, torch::Tensor v, t
 std::vector<torch::Tensor> decode_stack(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin,
                                         torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor lens,
                                         std::vector<torch::Tensor> layers, std::vector<torch::Tensor> kv_caches,
-                                        std::vector<int64_t> dims, double scale, double eps);
+                                        std::vector<int64_t> dims, double scale, double eps, bool kv_packed);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while a kernel runs (tensors only, no Python objects): with async scheduling the

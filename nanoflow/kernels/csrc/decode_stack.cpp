@@ -14,6 +14,8 @@ void rope_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_si
                   int64_t head_dim);
 torch::Tensor gemm_bf16(torch::Tensor x, torch::Tensor w_packed, int64_t N, c10::optional<torch::Tensor> bias,
                         c10::optional<torch::Tensor> out, bool glu);
+torch::Tensor gemm_f32(torch::Tensor x, torch::Tensor w_packed, int64_t N, c10::optional<torch::Tensor> bias,
+                       c10::optional<torch::Tensor> out, bool glu);
 
 namespace {
 constexpr int64_t kPerLayer = 7;  // attn norm, qkv panels, qkv bias (empty: none), o, ffn norm, gate/up (GLU), down
@@ -25,15 +27,33 @@ constexpr int64_t kPerLayer = 7;  // attn norm, qkv panels, qkv bias (empty: non
 c10::optional<torch::Tensor> maybe(const torch::Tensor& t) {
   return t.numel() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
 }
+
+// The panel GEMM of the step's dtype (gemm_f32.cpp or gemm_bf16.cpp), labelled as the Python wrapper labels it.
+torch::Tensor gemm(const torch::Tensor& x, const torch::Tensor& w, int64_t N, const torch::Tensor* bias, bool glu) {
+  const c10::optional<torch::Tensor> b = bias != nullptr ? maybe(*bias) : c10::nullopt;
+  if (x.scalar_type() == at::kFloat) {
+    RECORD_FUNCTION("nanoflow::gemm_f32 (C++)", std::vector<c10::IValue>());
+    return gemm_f32(x, w, N, b, c10::nullopt, glu);
+  }
+  RECORD_FUNCTION("nanoflow::gemm_bf16 (C++)", std::vector<c10::IValue>());
+  return gemm_bf16(x, w, N, b, c10::nullopt, glu);
+}
+
+// The first layer's norm, as RMSNorm.forward computes it without a residual: float32 in HF's op order (the
+// weight applied after the normalisation, bit-identical to the reference), bf16 in one fused pass.
+torch::Tensor first_norm(const torch::Tensor& x, const torch::Tensor& weight, int64_t H, double eps) {
+  if (x.scalar_type() == at::kFloat) return at::rms_norm(x, {H}, c10::nullopt, eps) * weight;
+  return at::rms_norm(x, {H}, weight, eps);
+}
 }  // namespace
 
-// x [B, H]: the step's embeddings; layers: kPerLayer tensors per layer (above); kv_caches: one [2, blocks, bs,
-// Hkv, D] per layer, K packed; dims = {num_heads, num_kv_heads, head_dim, hidden, intermediate}.
+// x [B, H]: the step's embeddings, bf16 or float32; layers: kPerLayer tensors per layer (above); kv_caches: one
+// [2, blocks, bs, Hkv, D] per layer, K packed when kv_packed (attention.py's layouts); dims = {num_heads, num_kv_heads, head_dim, hidden, intermediate}.
 // Returns (hidden, residual) after the last layer, before the final norm, as ops.py leaves them.
 std::vector<torch::Tensor> decode_stack(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin,
                                         torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor lens,
                                         std::vector<torch::Tensor> layers, std::vector<torch::Tensor> kv_caches,
-                                        std::vector<int64_t> dims, double scale, double eps) {
+                                        std::vector<int64_t> dims, double scale, double eps, bool kv_packed) {
   TORCH_CHECK(dims.size() == 5 && layers.size() == kv_caches.size() * kPerLayer, "decode_stack: bad arguments");
   const int64_t Hq = dims[0], Hkv = dims[1], D = dims[2], H = dims[3], I = dims[4];
   const int64_t B = x.size(0), q_size = Hq * D, kv_size = Hkv * D;
@@ -42,22 +62,30 @@ std::vector<torch::Tensor> decode_stack(torch::Tensor x, torch::Tensor positions
     const torch::Tensor* w = layers.data() + l * kPerLayer;
     if (l == 0) {  // the first layer's residual is its input (DecoderLayer.attn_norm)
       residual = x;
-      x = at::rms_norm(x, {H}, w[0], eps);
+      x = first_norm(x, w[0], H, eps);
     } else {
       LABELLED("fused_add_rms_norm", fused_add_rms_norm(x, residual, w[0], eps));
     }
-    LABELLED("gemm_bf16", qkv = gemm_bf16(x, w[1], q_size + 2 * kv_size, maybe(w[2]), c10::nullopt, false));
+    qkv = gemm(x, w[1], q_size + 2 * kv_size, &w[2], false);
     LABELLED("rope_inplace", rope_inplace(qkv, positions, cos_sin, Hq + Hkv, D));
     const torch::Tensor k = qkv.narrow(1, q_size, kv_size).view({B, Hkv, D});
     const torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({B, Hkv, D});
     const torch::Tensor q = qkv.narrow(1, 0, q_size).view({B, Hq, D});
-    // (the step's K and V written into the pages by the attention kernel, each just before it reads that page)
-    LABELLED("paged_decode", attn = paged_decode(q, kv_caches[l][0], kv_caches[l][1], block_tables, lens, scale,
-                                                 true, std::vector<torch::Tensor>{k, v, slot_mapping}));
-    LABELLED("gemm_bf16", x = gemm_bf16(attn.view({B, q_size}), w[3], H, c10::nullopt, c10::nullopt, false));
+    if (kv_packed) {  // the step's K and V written into the pages by the attention kernel, each just before it
+                      // reads that page
+      LABELLED("paged_decode", attn = paged_decode(q, kv_caches[l][0], kv_caches[l][1], block_tables, lens, scale,
+                                                   true, std::vector<torch::Tensor>{k, v, slot_mapping}));
+    } else {  // rows: attention.write_kv's index_copy_, then the kernel
+      const int64_t slots = kv_caches[l].size(1) * kv_caches[l].size(2);
+      kv_caches[l][0].view({slots, Hkv, D}).index_copy_(0, slot_mapping, k);
+      kv_caches[l][1].view({slots, Hkv, D}).index_copy_(0, slot_mapping, v);
+      LABELLED("paged_decode", attn = paged_decode(q, kv_caches[l][0], kv_caches[l][1], block_tables, lens, scale,
+                                                   false, c10::nullopt));
+    }
+    x = gemm(attn.view({B, q_size}), w[3], H, nullptr, false);
     LABELLED("fused_add_rms_norm", fused_add_rms_norm(x, residual, w[4], eps));
-    LABELLED("gemm_bf16", act = gemm_bf16(x, w[5], I, c10::nullopt, c10::nullopt, true));
-    LABELLED("gemm_bf16", x = gemm_bf16(act, w[6], H, c10::nullopt, c10::nullopt, false));
+    act = gemm(x, w[5], I, nullptr, true);
+    x = gemm(act, w[6], H, nullptr, false);
   }
   return {x, residual};
 }
