@@ -1,9 +1,10 @@
 // How the panel GEMMs (gemm_bf16.cpp, gemm_f32.cpp) walk their work: row blocks whose x rows stay in L2, each a
-// pass over the weight panels, each panel reused by every row tile of the block; work split into contiguous runs,
-// one per thread.
+// pass over the weight panels, each panel reused by every row tile of the block; runs of panels claimed by the
+// threads as they come free.
 #pragma once
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -24,31 +25,32 @@ inline int64_t block_rows(int64_t M, int64_t row_bytes, int64_t min_rows) {
   return std::max<int64_t>(MR, ((M + blocks - 1) / blocks + MR - 1) / MR * MR);  // (M = 0: no blocks, no division)
 }
 
-// Work items: (row block, panel, row tile), each thread a contiguous run: a panel is shared by at most two
-// threads, and each thread prefetches the panel after its current one. w: the packed panels, panel_bytes apart;
-// row blocks as block_rows.
-// fn(part, m0, n, next, t, tiles): one tile, on the thread's run `part` (< at::get_num_threads()); `next` is the
-// next panel when this thread goes on to it, else nullptr.
+// Work: runs of consecutive panels of one row block, claimed one at a time by whichever thread is free (an atomic
+// counter), each run's panels walked in order, every row tile of the block per panel. Claimed, not split in
+// equal shares up front: on a shared host one core often runs slower than the other for a while, and an equal
+// split left the faster one waiting for it at the end of every GEMM. A run is at most 8 panels, and short enough
+// that every thread gets ~8 runs; each tile prefetches its share of the next panel (at a run's end, the panel
+// that starts the next run, likely claimed next).
+// fn(part, m0, n, next, t, tiles): one tile, on the thread's `part` (< at::get_num_threads(); each part's runs,
+// and so its panels of any one row, in increasing order); `next` is panel n + 1, or nullptr after the last.
 template <typename F>
 void for_each_tile(int64_t M, int64_t row_bytes, int64_t min_rows, const void* w, int64_t panel_bytes, int64_t panels,
                    F fn) {
+  if (M <= 0 || panels <= 0) return;
   const int64_t MB = block_rows(M, row_bytes, min_rows), blocks = (M + MB - 1) / MB;
-  std::vector<int64_t> first(blocks + 1, 0);  // first item of each row block
-  for (int64_t bl = 0; bl < blocks; ++bl)
-    first[bl + 1] = first[bl] + panels * ((std::min(MB, M - bl * MB) + MR - 1) / MR);
-  const int64_t items = first[blocks];
-  if (items == 0) return;
-  const int64_t parts = std::min<int64_t>(items, at::get_num_threads());
+  const int64_t threads = at::get_num_threads();
+  const int64_t run = std::clamp<int64_t>(blocks * panels / (8 * threads), 1, 8), runs = (panels + run - 1) / run;
+  const int64_t units = blocks * runs, parts = std::min<int64_t>(units, threads);
+  std::atomic<int64_t> claimed{0};
   at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
     for (int64_t part = pb; part < pe; ++part) {
-      const int64_t begin = items * part / parts, end = items * (part + 1) / parts;
-      for (int64_t i = begin, bl = 0; i < end; ++i) {
-        while (i >= first[bl + 1]) ++bl;
-        const int64_t tiles = (first[bl + 1] - first[bl]) / panels, j = i - first[bl];
-        const int64_t n = j / tiles, t = j % tiles;
-        const bool more = n + 1 < panels && first[bl] + (n + 1) * tiles < end;  // this thread does panel n + 1
-        const char* next = more ? static_cast<const char*>(w) + (n + 1) * panel_bytes : nullptr;
-        fn(part, bl * MB + t * MR, n, next, t, tiles);
+      for (int64_t u = claimed.fetch_add(1); u < units; u = claimed.fetch_add(1)) {
+        const int64_t bl = u / runs, n_end = std::min(panels, (u % runs + 1) * run);
+        const int64_t m_begin = bl * MB, tiles = (std::min(MB, M - m_begin) + MR - 1) / MR;
+        for (int64_t n = (u % runs) * run; n < n_end; ++n) {
+          const char* next = n + 1 < panels ? static_cast<const char*>(w) + (n + 1) * panel_bytes : nullptr;
+          for (int64_t t = 0; t < tiles; ++t) fn(part, m_begin + t * MR, n, next, t, tiles);
+        }
       }
     }
   });
@@ -67,8 +69,9 @@ inline void with_tile_rows(int64_t rows, F f) {
   }
 }
 
-// The fused LM head + argmax's bookkeeping: each thread's run (`part`) keeps its rows' running maxima and their
-// columns, merged in thread order - runs cover increasing panels, so on a tie the first column wins.
+// The fused LM head + argmax's bookkeeping: each thread (`part`) keeps its rows' running maxima and their first
+// columns (its panels of a row come in increasing order), merged by value and then by column: on a tie the first
+// column wins, whichever thread saw it.
 struct RowArgmax {
   explicit RowArgmax(int64_t M)
       : M(M), threads(at::get_num_threads()), best(threads * M, -INFINITY), arg(threads * M, 0) {}
@@ -77,8 +80,10 @@ struct RowArgmax {
   void merge_into(int64_t* out) const {
     for (int64_t m = 0; m < M; ++m) {
       float b = -INFINITY;
-      for (int64_t p = 0; p < threads; ++p)
-        if (best[p * M + m] > b) { b = best[p * M + m]; out[m] = arg[p * M + m]; }
+      for (int64_t p = 0; p < threads; ++p) {
+        const float v = best[p * M + m];
+        if (v > b || (v == b && v != -INFINITY && arg[p * M + m] < out[m])) { b = v; out[m] = arg[p * M + m]; }
+      }
     }
   }
   const int64_t M, threads;
