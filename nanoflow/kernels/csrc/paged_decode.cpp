@@ -5,6 +5,7 @@
 // products are exact in float32), float32 with head_dim 64 or 128 an AVX2+FMA path; everything else
 // takes the portable loop.
 #include <torch/extension.h>
+#include <atomic>
 #include <ATen/Parallel.h>
 #include <vector>
 #include "decode_bf16.h"
@@ -125,32 +126,30 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t* btp = bt.data_ptr<int64_t>();
     const int64_t* lp = ln.data_ptr<int64_t>();
-    // Contiguous runs of items with equal work (context rows, plus a page's worth for the fixed cost), not equal
-    // counts: with mixed context lengths an equal split leaves one thread waiting on the other.
+    // Runs of a few items claimed by whichever thread is free (an atomic counter), not equal shares fixed up
+    // front: with mixed context lengths, or one core slowed by the shared host, an equal split left one thread
+    // waiting on the other. ~32 runs per thread keep the last run's wait short.
     const int64_t items = B * per_req, parts = std::min<int64_t>(items, at::get_num_threads());
-    std::vector<int64_t> bounds(parts + 1, items);
-    bounds[0] = 0;
-    int64_t total = 0;
-    for (int64_t b = 0; b < B; ++b) total += (lp[b] + bs) * per_req;
-    for (int64_t i = 0, done = 0, p = 1; i < items && p < parts; ++i) {
-      done += lp[i / per_req] + bs;
-      if (done * parts >= total * p) bounds[p++] = i + 1;
-    }
+    const int64_t run = std::max<int64_t>(1, items / (32 * parts));
+    std::atomic<int64_t> claimed{0};
     at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-      const int64_t begin = bounds[part_begin], end = bounds[part_end];
       std::vector<float> scores, acc;
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / per_req, h = (i % per_req) * nkv;
-        DecodeArgs a{lp[b], bs, hkv, h, G, D, btp + b * W, static_cast<float>(scale)};
-        a.kv_packed = kv_packed;
-        if (i + 1 < end) {  // (the same kv heads of the next request: nkv == hkv whenever i + 1 is another request)
-          a.next_table = btp + ((i + 1) / per_req) * W;
-          a.next_len = nkv == hkv ? lp[(i + 1) / per_req] : 0;
+      for (int64_t part = part_begin; part < part_end; ++part) {
+        for (int64_t begin = claimed.fetch_add(run); begin < items; begin = claimed.fetch_add(run)) {
+          for (int64_t i = begin, end = std::min(items, begin + run); i < end; ++i) {
+            const int64_t b = i / per_req, h = (i % per_req) * nkv;
+            DecodeArgs a{lp[b], bs, hkv, h, G, D, btp + b * W, static_cast<float>(scale)};
+            a.kv_packed = kv_packed;
+            if (i + 1 < items) {  // (likely this thread's next; nkv == hkv whenever i + 1 is another request)
+              a.next_table = btp + ((i + 1) / per_req) * W;
+              a.next_len = nkv == hkv ? lp[(i + 1) / per_req] : 0;
+            }
+            if (fresh.slots != nullptr)
+              write_packed_token(k_pages, v_pages, fresh.k + b * fresh.k_row, fresh.v + b * fresh.v_row,
+                                 fresh.slots[b], bs, hkv, D, h, h + nkv);
+            decode_item<scalar_t>(qp + (b * Hq + h * G) * D, kp, vp, a, nkv, op + (b * Hq + h * G) * D, scores, acc);
+          }
         }
-        if (fresh.slots != nullptr)
-          write_packed_token(k_pages, v_pages, fresh.k + b * fresh.k_row, fresh.v + b * fresh.v_row, fresh.slots[b],
-                             bs, hkv, D, h, h + nkv);
-        decode_item<scalar_t>(qp + (b * Hq + h * G) * D, kp, vp, a, nkv, op + (b * Hq + h * G) * D, scores, acc);
       }
     });
   });
