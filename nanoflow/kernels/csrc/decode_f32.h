@@ -45,50 +45,57 @@ inline __m256 hsum8x256(const float* d) {  // d: eight vectors, one after anothe
   return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
 }
 
-// NV = head_dim / 8 vectors per row; G query heads share each K row (loaded once, kept in registers). Each
-// (token, head) dot product stays a vector of 8 partial sums until eight tokens' are reduced together.
+// NV = head_dim / 8 vectors per row; kv heads [a.kvh, a.kvh + nkv) of one request (G query heads each). K: one
+// pass over the token rows, all nkv heads of a row in turn (a row's heads are adjacent: one head's slice of each
+// row, a pass per head, read DRAM as a strided stream at ~60% of the rate), each K slice loaded once and kept in
+// registers for its G query heads; each (token, query head) dot product stays a vector of 8 partial sums until
+// eight tokens' are reduced together. The same pass prefetches the rows' V into L2 for the V passes.
 template <int NV>
-void decode_f32_avx2(const float* q, const float* kc, const float* vc, const DecodeArgs& a, float* out,
+void decode_f32_avx2(const float* q, const float* kc, const float* vc, const DecodeArgs& a, int64_t nkv, float* out,
                      std::vector<float>& scores) {
-  const int64_t G = a.G, len = a.len;
-  scores.resize(G * len + G * 8 * 8);  // (after the scores: G heads x 8 tokens of partial-sum vectors)
+  const int64_t G = a.G, len = a.len, R = nkv * G, D = NV * 8;  // R: score rows, (kv head, query head) in order
+  scores.resize(R * len + R * 64);  // (after the scores: R rows x 8 tokens of partial-sum vectors)
   float* sc = scores.data();
-  float* parts = sc + G * len;  // [G][8 tokens][8 partial sums]
+  float* parts = sc + R * len;  // [R][8 tokens][8 partial sums]
   const __m256 scale = _mm256_set1_ps(a.scale);
   auto flush = [&](int64_t t0, int64_t n) {  // tokens [t0, t0 + n): their scores from the partial sums
-    for (int64_t g = 0; g < G; ++g) {
-      std::fill(parts + (g * 8 + n) * 8, parts + (g + 1) * 64, 0.f);
+    for (int64_t r = 0; r < R; ++r) {
+      std::fill(parts + (r * 8 + n) * 8, parts + (r + 1) * 64, 0.f);
       alignas(32) float v[8];
-      _mm256_store_ps(v, _mm256_mul_ps(hsum8x256(parts + g * 64), scale));
-      std::copy(v, v + n, sc + g * len + t0);
+      _mm256_store_ps(v, _mm256_mul_ps(hsum8x256(parts + r * 64), scale));
+      std::copy(v, v + n, sc + r * len + t0);
     }
   };
   for_each_row(a, [&](int64_t t, int64_t off) {
-    __m256 kr[NV];
-    for (int j = 0; j < NV; ++j) kr[j] = _mm256_loadu_ps(kc + off + j * 8);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = q + g * NV * 8;
-      __m256 s0 = _mm256_mul_ps(_mm256_loadu_ps(qg), kr[0]), s1 = _mm256_setzero_ps();
-      for (int j = 1; j < NV; ++j)  // two chains hide the FMA latency
-        (j & 1 ? s1 : s0) = _mm256_fmadd_ps(_mm256_loadu_ps(qg + j * 8), kr[j], j & 1 ? s1 : s0);
-      _mm256_storeu_ps(parts + (g * 8 + (t & 7)) * 8, _mm256_add_ps(s0, s1));
+    for (int64_t l = 0; l < nkv * D * 4; l += 64) _mm_prefetch(reinterpret_cast<const char*>(vc + off) + l, _MM_HINT_T1);
+    for (int64_t h = 0; h < nkv; ++h) {
+      __m256 kr[NV];
+      for (int j = 0; j < NV; ++j) kr[j] = _mm256_loadu_ps(kc + off + h * D + j * 8);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = q + (h * G + g) * D;
+        __m256 s0 = _mm256_mul_ps(_mm256_loadu_ps(qg), kr[0]), s1 = _mm256_setzero_ps();
+        for (int j = 1; j < NV; ++j)  // two chains hide the FMA latency
+          (j & 1 ? s1 : s0) = _mm256_fmadd_ps(_mm256_loadu_ps(qg + j * 8), kr[j], j & 1 ? s1 : s0);
+        _mm256_storeu_ps(parts + ((h * G + g) * 8 + (t & 7)) * 8, _mm256_add_ps(s0, s1));
+      }
     }
     if ((t & 7) == 7) flush(t - 7, 8);
   });
   if (len & 7) flush(len & ~int64_t(7), len & 7);
-  softmax_rows_avx2(sc, G, len);
+  softmax_rows_avx2(sc, R, len);
   // V: one query head at a time, its NV accumulators in registers (all G heads' did not fit in 16 registers, and
-  // accumulating in memory cost a load and a store per FMA); the head's V rows come back from L1/L2 for the next
-  // head. Each output sums over t in order, as before.
-  for (int64_t g = 0; g < G; ++g) {
+  // accumulating in memory cost a load and a store per FMA); the rows come from L2 (prefetched above). Each output
+  // sums over t in order.
+  for (int64_t r = 0; r < R; ++r) {
     __m256 ag[NV];
     for (int j = 0; j < NV; ++j) ag[j] = _mm256_setzero_ps();
-    const float* pg = sc + g * len;
+    const float* pg = sc + r * len;
+    const int64_t hd = (r / G) * D;
     for_each_row(a, [&](int64_t t, int64_t off) {
       const __m256 p = _mm256_set1_ps(pg[t]);
-      for (int j = 0; j < NV; ++j) ag[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vc + off + j * 8), ag[j]);
+      for (int j = 0; j < NV; ++j) ag[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vc + off + hd + j * 8), ag[j]);
     });
-    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(out + g * NV * 8 + j * 8, ag[j]);
+    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(out + r * D + j * 8, ag[j]);
   }
 }
 

@@ -41,7 +41,7 @@ void decode_portable(const T* q, const T* kc, const T* vc, const DecodeArgs& a, 
   for (int64_t i = 0; i < G * D; ++i) out[i] = static_cast<T>(acc[i]);
 }
 
-// kv heads [a.kvh, a.kvh + nkv) of one request; the paths other than bf16 take one kv head at a time.
+// kv heads [a.kvh, a.kvh + nkv) of one request; the portable path takes one kv head at a time.
 template <typename T>
 void decode_item(const T* q, const T* kc, const T* vc, DecodeArgs a, int64_t nkv, T* out,
                  std::vector<float>& scores, std::vector<float>& acc) {
@@ -51,15 +51,14 @@ void decode_item(const T* q, const T* kc, const T* vc, DecodeArgs a, int64_t nkv
     if (a.D == 128 && decode_bf16_g<8>(q, kc, vc, a, nkv, out, scores, acc)) return;
   }
 #endif
-  for (int64_t h = 0; h < nkv; ++h, ++a.kvh, q += a.G * a.D, out += a.G * a.D) {
 #ifdef NANOFLOW_AVX2
-    if constexpr (std::is_same_v<T, float>) {
-      if (a.D == 64) { decode_f32_avx2<8>(q, kc, vc, a, out, scores); continue; }
-      if (a.D == 128) { decode_f32_avx2<16>(q, kc, vc, a, out, scores); continue; }
-    }
-#endif
-    decode_portable(q, kc, vc, a, out, scores, acc);
+  if constexpr (std::is_same_v<T, float>) {
+    if (a.D == 64) return decode_f32_avx2<8>(q, kc, vc, a, nkv, out, scores);
+    if (a.D == 128) return decode_f32_avx2<16>(q, kc, vc, a, nkv, out, scores);
   }
+#endif
+  for (int64_t h = 0; h < nkv; ++h, ++a.kvh, q += a.G * a.D, out += a.G * a.D)
+    decode_portable(q, kc, vc, a, out, scores, acc);
 }
 
 // paged_decode's new_kv, checked: this step's K and V rows and their slots (none: slots == nullptr).
