@@ -67,7 +67,8 @@ void decode_f32_avx2(const float* q, const float* kc, const float* vc, const Dec
     }
   };
   for_each_row(a, [&](int64_t t, int64_t off) {
-    for (int64_t l = 0; l < nkv * D * 4; l += 64) _mm_prefetch(reinterpret_cast<const char*>(vc + off) + l, _MM_HINT_T1);
+    const char* v_row = reinterpret_cast<const char*>(vc + off);
+    for (int64_t l = 0; l < nkv * D * 4; l += 64) _mm_prefetch(v_row + l, _MM_HINT_T1);
     for (int64_t h = 0; h < nkv; ++h) {
       __m256 kr[NV];
       for (int j = 0; j < NV; ++j) kr[j] = _mm256_loadu_ps(kc + off + h * D + j * 8);

@@ -48,7 +48,8 @@ torch::Tensor first_norm(const torch::Tensor& x, const torch::Tensor& weight, in
 }  // namespace
 
 // x [B, H]: the step's embeddings, bf16 or float32; layers: kPerLayer tensors per layer (above); kv_caches: one
-// [2, blocks, bs, Hkv, D] per layer, K packed when kv_packed (attention.py's layouts); dims = {num_heads, num_kv_heads, head_dim, hidden, intermediate}.
+// [2, blocks, bs, Hkv, D] per layer, packed pages when kv_packed, else rows (attention.py's layouts);
+// dims = {num_heads, num_kv_heads, head_dim, hidden, intermediate}.
 // Returns (hidden, residual) after the last layer, before the final norm, as ops.py leaves them.
 std::vector<torch::Tensor> decode_stack(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin,
                                         torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor lens,
