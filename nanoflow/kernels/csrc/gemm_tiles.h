@@ -4,11 +4,11 @@
 #pragma once
 #include <ATen/Parallel.h>
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
+#include "claimed_runs.h"
 
 namespace nanoflow_gemm {
 
@@ -25,11 +25,9 @@ inline int64_t block_rows(int64_t M, int64_t row_bytes, int64_t min_rows) {
   return std::max<int64_t>(MR, ((M + blocks - 1) / blocks + MR - 1) / MR * MR);  // (M = 0: no blocks, no division)
 }
 
-// Work: runs of consecutive panels of one row block, claimed one at a time by whichever thread is free (an atomic
-// counter), each run's panels walked in order, every row tile of the block per panel. Claimed, not split in
-// equal shares up front: on a shared host one core often runs slower than the other for a while, and an equal
-// split left the faster one waiting for it at the end of every GEMM. A run is at most 8 panels, and short enough
-// that every thread gets ~8 runs; each tile prefetches its share of the next panel (at a run's end, the panel
+// Work: runs of consecutive panels of one row block, claimed one at a time by whichever thread is free
+// (claimed_runs.h), each run's panels walked in order, every row tile of the block per panel. A run is at most 8
+// panels, and short enough that every thread gets ~8 runs; each tile prefetches its share of the next panel (at a run's end, the panel
 // that starts the next run, likely claimed next).
 // fn(part, m0, n, next, t, tiles): one tile, on the thread's `part` (< at::get_num_threads(); each part's runs,
 // and so its panels of any one row, in increasing order); `next` is panel n + 1, or nullptr after the last.
@@ -38,20 +36,14 @@ void for_each_tile(int64_t M, int64_t row_bytes, int64_t min_rows, const void* w
                    F fn) {
   if (M <= 0 || panels <= 0) return;
   const int64_t MB = block_rows(M, row_bytes, min_rows), blocks = (M + MB - 1) / MB;
-  const int64_t threads = at::get_num_threads();
-  const int64_t run = std::clamp<int64_t>(blocks * panels / (8 * threads), 1, 8), runs = (panels + run - 1) / run;
-  const int64_t units = blocks * runs, parts = std::min<int64_t>(units, threads);
-  std::atomic<int64_t> claimed{0};
-  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
-    for (int64_t part = pb; part < pe; ++part) {
-      for (int64_t u = claimed.fetch_add(1); u < units; u = claimed.fetch_add(1)) {
-        const int64_t bl = u / runs, n_end = std::min(panels, (u % runs + 1) * run);
-        const int64_t m_begin = bl * MB, tiles = (std::min(MB, M - m_begin) + MR - 1) / MR;
-        for (int64_t n = (u % runs) * run; n < n_end; ++n) {
-          const char* next = n + 1 < panels ? static_cast<const char*>(w) + (n + 1) * panel_bytes : nullptr;
-          for (int64_t t = 0; t < tiles; ++t) fn(part, m_begin + t * MR, n, next, t, tiles);
-        }
-      }
+  const int64_t run = std::clamp<int64_t>(blocks * panels / (8 * at::get_num_threads()), 1, 8);
+  const int64_t runs = (panels + run - 1) / run;
+  nanoflow_work::for_each_claimed_run(blocks * runs, 1, [&](int64_t part, int64_t u, int64_t) {
+    const int64_t bl = u / runs, n_end = std::min(panels, (u % runs + 1) * run);
+    const int64_t m_begin = bl * MB, tiles = (std::min(MB, M - m_begin) + MR - 1) / MR;
+    for (int64_t n = (u % runs) * run; n < n_end; ++n) {
+      const char* next = n + 1 < panels ? static_cast<const char*>(w) + (n + 1) * panel_bytes : nullptr;
+      for (int64_t t = 0; t < tiles; ++t) fn(part, m_begin + t * MR, n, next, t, tiles);
     }
   });
 }

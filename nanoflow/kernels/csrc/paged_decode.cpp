@@ -5,9 +5,9 @@
 // products are exact in float32), float32 with head_dim 64 or 128 an AVX2+FMA path; everything else
 // takes the portable loop.
 #include <torch/extension.h>
-#include <atomic>
 #include <ATen/Parallel.h>
 #include <vector>
+#include "claimed_runs.h"
 #include "decode_bf16.h"
 #include "decode_common.h"
 #include "decode_f32.h"
@@ -125,30 +125,26 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t* btp = bt.data_ptr<int64_t>();
     const int64_t* lp = ln.data_ptr<int64_t>();
-    // Runs of a few items claimed by whichever thread is free (an atomic counter), not equal shares fixed up
-    // front: with mixed context lengths, or one core slowed by the shared host, an equal split left one thread
-    // waiting on the other. ~32 runs per thread keep the last run's wait short.
-    const int64_t items = B * per_req, parts = std::min<int64_t>(items, at::get_num_threads());
-    const int64_t run = std::max<int64_t>(1, items / (32 * parts));
-    std::atomic<int64_t> claimed{0};
-    at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-      std::vector<float> scores, acc;
-      for (int64_t part = part_begin; part < part_end; ++part) {
-        for (int64_t begin = claimed.fetch_add(run); begin < items; begin = claimed.fetch_add(run)) {
-          for (int64_t i = begin, end = std::min(items, begin + run); i < end; ++i) {
-            const int64_t b = i / per_req, h = (i % per_req) * nkv;
-            DecodeArgs a{lp[b], bs, hkv, h, G, D, btp + b * W, static_cast<float>(scale)};
-            a.kv_packed = kv_packed;
-            if (i + 1 < items) {  // (likely this thread's next; nkv == hkv whenever i + 1 is another request)
-              a.next_table = btp + ((i + 1) / per_req) * W;
-              a.next_len = nkv == hkv ? lp[(i + 1) / per_req] : 0;
-            }
-            if (fresh.slots != nullptr)
-              write_packed_token(k_pages, v_pages, fresh.k + b * fresh.k_row, fresh.v + b * fresh.v_row,
-                                 fresh.slots[b], bs, hkv, D, h, h + nkv);
-            decode_item<scalar_t>(qp + (b * Hq + h * G) * D, kp, vp, a, nkv, op + (b * Hq + h * G) * D, scores, acc);
-          }
+    // Runs of a few items claimed by whichever thread is free (claimed_runs.h; with mixed context lengths, or one
+    // core slowed by the shared host, equal shares left one thread waiting on the other). ~32 runs per thread
+    // keep the last run's wait short.
+    const int64_t items = B * per_req;
+    const int64_t run = std::max<int64_t>(1, items / (32 * std::min<int64_t>(items, at::get_num_threads())));
+    std::vector<std::vector<float>> scores(at::get_num_threads()), acc(at::get_num_threads());
+    nanoflow_work::for_each_claimed_run(items, run, [&](int64_t part, int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / per_req, h = (i % per_req) * nkv;
+        DecodeArgs a{lp[b], bs, hkv, h, G, D, btp + b * W, static_cast<float>(scale)};
+        a.kv_packed = kv_packed;
+        if (i + 1 < items) {  // (likely this thread's next; nkv == hkv whenever i + 1 is another request)
+          a.next_table = btp + ((i + 1) / per_req) * W;
+          a.next_len = nkv == hkv ? lp[(i + 1) / per_req] : 0;
         }
+        if (fresh.slots != nullptr)
+          write_packed_token(k_pages, v_pages, fresh.k + b * fresh.k_row, fresh.v + b * fresh.v_row, fresh.slots[b],
+                             bs, hkv, D, h, h + nkv);
+        decode_item<scalar_t>(qp + (b * Hq + h * G) * D, kp, vp, a, nkv, op + (b * Hq + h * G) * D, scores[part],
+                              acc[part]);
       }
     });
   });
