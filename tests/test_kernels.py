@@ -32,6 +32,21 @@ def test_paged_decode_matches_torch(dtype, hq, hkv, d, b, bs):
     torch.testing.assert_close(got.float(), want, **TOL[dtype])
 
 
+@pytest.mark.parametrize("hq, hkv, d", [(9, 3, 64), (16, 4, 64), (8, 1, 128)])  # GQA 3, 4 (passes of 3 + 1), 8
+@pytest.mark.parametrize("b", [6, 12])
+def test_paged_decode_long_contexts(hq, hkv, d, b):
+    """float32 contexts across the kernel's 128-token V chunks (decode_f32.h), on both work splits."""
+    gen = torch.Generator().manual_seed(8)
+    lens = torch.tensor([127, 128, 129, 256, 257, 700] * (b // 6))
+    width = -(-int(lens.max()) // 16)
+    cache = _paged_cache(b * width + 4, 16, hkv, d, torch.float32, gen)
+    tables = torch.randperm(b * width + 4, generator=gen)[: b * width].view(b, width)
+    q = torch.randn(b, hq, d, generator=gen)
+    got = ext.paged_decode(q, cache[0], cache[1], tables, lens, d ** -0.5)
+    want = decode_attention_torch(q, cache, tables, lens, int(lens.max()), d ** -0.5)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
 @pytest.mark.skipif(ext is None or not ext.packed_kv_supported(64, 16, 3), reason="no AVX512-BF16 build")
 @pytest.mark.parametrize("hq, hkv, d", [(9, 3, 64), (8, 2, 128), (4, 4, 64), (14, 2, 64)])
 @pytest.mark.parametrize("b, bs", [(6, 16), (40, 16), (40, 32)])

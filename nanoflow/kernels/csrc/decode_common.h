@@ -74,5 +74,15 @@ inline void for_each_row(const DecodeArgs& a, F f) {
   }
 }
 
+// for_each_row over tokens [t_begin, t_end) only.
+template <typename F>
+inline void for_each_row(const DecodeArgs& a, int64_t t_begin, int64_t t_end, F f) {
+  const int64_t row_stride = a.hkv * a.D;
+  for (int64_t t = t_begin, blk = t_begin / a.bs; t < t_end; ++blk) {
+    const int64_t s0 = t - blk * a.bs, n = std::min(a.bs, t_end - blk * a.bs);
+    int64_t off = ((a.table[blk] * a.bs + s0) * a.hkv + a.kvh) * a.D;
+    for (int64_t s = s0; s < n; ++s, ++t, off += row_stride) f(t, off);
+  }
+}
 
 }  // namespace nanoflow_decode

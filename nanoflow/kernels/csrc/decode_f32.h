@@ -45,6 +45,40 @@ inline __m256 hsum8x256(const float* d) {  // d: eight vectors, one after anothe
   return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
 }
 
+struct ValuePass {  // value_pass's arguments
+  const DecodeArgs& a;
+  int64_t t0, t1;
+  const float* probs;  // the first head's probability row (the others follow, len apart)
+  int64_t len;
+  const float* vc;
+  int64_t col;  // the 32 dims' offset in a row
+  float* out;  // the first head's 32 outputs (the others follow, D apart)
+  int64_t D;
+};
+
+// H query heads' outputs for 32 dims over tokens [t0, t1): 4H accumulators in registers (with H probabilities and
+// one V vector: 16 at H = 3), each V vector loaded once for the H heads. Starts from `out` after the first chunk.
+template <int H>
+inline void value_pass(const ValuePass& v) {
+  __m256 acc[H][4];
+  for (int h = 0; h < H; ++h)
+    for (int i = 0; i < 4; ++i)
+      acc[h][i] = v.t0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(v.out + h * v.D + i * 8);
+  for_each_row(v.a, v.t0, v.t1, [&](int64_t t, int64_t off) {
+    __m256 p[H];
+    for (int h = 0; h < H; ++h) p[h] = _mm256_set1_ps(v.probs[h * v.len + t]);
+    const float* row = v.vc + off + v.col;
+    for (int i = 0; i < 4; ++i) {
+      const __m256 x = _mm256_loadu_ps(row + i * 8);
+      for (int h = 0; h < H; ++h) acc[h][i] = _mm256_fmadd_ps(p[h], x, acc[h][i]);
+    }
+  });
+  for (int h = 0; h < H; ++h)
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(v.out + h * v.D + i * 8, acc[h][i]);
+}
+
+constexpr int64_t kValueChunk = 128;  // tokens per V chunk: 96 KB of rows at 3 kv heads of 64 dims
+
 // NV = head_dim / 8 vectors per row; kv heads [a.kvh, a.kvh + nkv) of one request (G query heads each). K: one
 // pass over the token rows, all nkv heads of a row in turn (a row's heads are adjacent: one head's slice of each
 // row, a pass per head, read DRAM as a strided stream at ~60% of the rate), each K slice loaded once and kept in
@@ -66,9 +100,10 @@ void decode_f32_avx2(const float* q, const float* kc, const float* vc, const Dec
       std::copy(v, v + n, sc + r * len + t0);
     }
   };
+  const int64_t row_bytes = nkv * D * 4;
   for_each_row(a, [&](int64_t t, int64_t off) {
-    const char* v_row = reinterpret_cast<const char*>(vc + off);
-    for (int64_t l = 0; l < nkv * D * 4; l += 64) _mm_prefetch(v_row + l, _MM_HINT_T1);
+    if (t < kValueChunk)  // (the first chunk's V rows, for the V passes)
+      for (int64_t l = 0; l < row_bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(vc + off) + l, _MM_HINT_T1);
     for (int64_t h = 0; h < nkv; ++h) {
       __m256 kr[NV];
       for (int j = 0; j < NV; ++j) kr[j] = _mm256_loadu_ps(kc + off + h * D + j * 8);
@@ -84,19 +119,24 @@ void decode_f32_avx2(const float* q, const float* kc, const float* vc, const Dec
   });
   if (len & 7) flush(len & ~int64_t(7), len & 7);
   softmax_rows_avx2(sc, R, len);
-  // V: one query head at a time, its NV accumulators in registers (all G heads' did not fit in 16 registers, and
-  // accumulating in memory cost a load and a store per FMA); the rows come from L2 (prefetched above). Each output
-  // sums over t in order.
-  for (int64_t r = 0; r < R; ++r) {
-    __m256 ag[NV];
-    for (int j = 0; j < NV; ++j) ag[j] = _mm256_setzero_ps();
-    const float* pg = sc + r * len;
-    const int64_t hd = (r / G) * D;
-    for_each_row(a, [&](int64_t t, int64_t off) {
-      const __m256 p = _mm256_set1_ps(pg[t]);
-      for (int j = 0; j < NV; ++j) ag[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vc + off + hd + j * 8), ag[j]);
+  // V, a chunk of kValueChunk tokens at a time (its rows stay in L2 while every pass goes over them; a long
+  // context's V did not fit, and each pass re-read it from DRAM), in passes of up to 3 query heads of a kv head x
+  // 32 dims (value_pass), kept in `out` between chunks. Each output sums over t in order, chunk after chunk. The
+  // next chunk's rows are prefetched into L2 meanwhile.
+  for (int64_t t0 = 0; t0 < len; t0 += kValueChunk) {
+    const int64_t t1 = std::min(len, t0 + kValueChunk);
+    for_each_row(a, t1, std::min(len, t1 + kValueChunk), [&](int64_t, int64_t off) {
+      for (int64_t l = 0; l < row_bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(vc + off) + l, _MM_HINT_T1);
     });
-    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(out + r * D + j * 8, ag[j]);
+    for (int64_t r = 0; r < R; r += std::min<int64_t>(3, G - r % G)) {  // (r: a kv head's query heads, 3 at most)
+      const int64_t heads = std::min<int64_t>(3, G - r % G), col = (r / G) * D;
+      for (int64_t j = 0; j < D; j += 32) {
+        const ValuePass v{a, t0, t1, sc + r * len, len, vc, col + j, out + r * D + j, D};
+        if (heads == 3) value_pass<3>(v);
+        else if (heads == 2) value_pass<2>(v);
+        else value_pass<1>(v);
+      }
+    }
   }
 }
 
