@@ -83,7 +83,7 @@ constexpr int64_t kValueChunk = 128;  // tokens per V chunk: 96 KB of rows at 3 
 // pass over the token rows, all nkv heads of a row in turn (a row's heads are adjacent: one head's slice of each
 // row, a pass per head, read DRAM as a strided stream at ~60% of the rate), each K slice loaded once and kept in
 // registers for its G query heads; each (token, query head) dot product stays a vector of 8 partial sums until
-// eight tokens' are reduced together. The same pass prefetches the rows' V into L2 for the V passes.
+// eight tokens' are reduced together. The same pass prefetches the first V chunk's rows into L2.
 template <int NV>
 void decode_f32_avx2(const float* q, const float* kc, const float* vc, const DecodeArgs& a, int64_t nkv, float* out,
                      std::vector<float>& scores) {
@@ -100,10 +100,11 @@ void decode_f32_avx2(const float* q, const float* kc, const float* vc, const Dec
       std::copy(v, v + n, sc + r * len + t0);
     }
   };
-  const int64_t row_bytes = nkv * D * 4;
+  auto prefetch_v = [&, row_bytes = nkv * D * 4](int64_t, int64_t off) {  // a row's V (these kv heads) into L2
+    for (int64_t l = 0; l < row_bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(vc + off) + l, _MM_HINT_T1);
+  };
   for_each_row(a, [&](int64_t t, int64_t off) {
-    if (t < kValueChunk)  // (the first chunk's V rows, for the V passes)
-      for (int64_t l = 0; l < row_bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(vc + off) + l, _MM_HINT_T1);
+    if (t < kValueChunk) prefetch_v(t, off);  // (the first V chunk's rows)
     for (int64_t h = 0; h < nkv; ++h) {
       __m256 kr[NV];
       for (int j = 0; j < NV; ++j) kr[j] = _mm256_loadu_ps(kc + off + h * D + j * 8);
@@ -125,9 +126,7 @@ void decode_f32_avx2(const float* q, const float* kc, const float* vc, const Dec
   // next chunk's rows are prefetched into L2 meanwhile.
   for (int64_t t0 = 0; t0 < len; t0 += kValueChunk) {
     const int64_t t1 = std::min(len, t0 + kValueChunk);
-    for_each_row(a, t1, std::min(len, t1 + kValueChunk), [&](int64_t, int64_t off) {
-      for (int64_t l = 0; l < row_bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(vc + off) + l, _MM_HINT_T1);
-    });
+    for_each_row(a, t1, std::min(len, t1 + kValueChunk), prefetch_v);
     for (int64_t r = 0; r < R; r += std::min<int64_t>(3, G - r % G)) {  // (r: a kv head's query heads, 3 at most)
       const int64_t heads = std::min<int64_t>(3, G - r % G), col = (r / G) * D;
       for (int64_t j = 0; j < D; j += 32) {
