@@ -62,19 +62,8 @@ inline void softmax_rows(float* s, int64_t rows, int64_t len) {
 }
 
 
-// Calls f(t, row_offset) for every context token, walking the block table page by page (no
+// Calls f(t, row_offset) for context tokens [t_begin, t_end), walking the block table page by page (no
 // per-token division: a 64-bit divide per row costs more than the row's arithmetic).
-template <typename F>
-inline void for_each_row(const DecodeArgs& a, F f) {
-  const int64_t row_stride = a.hkv * a.D;
-  for (int64_t t0 = 0, blk = 0; t0 < a.len; t0 += a.bs, ++blk) {
-    int64_t off = (a.table[blk] * a.bs * a.hkv + a.kvh) * a.D;
-    const int64_t n = std::min(a.bs, a.len - t0);
-    for (int64_t s = 0; s < n; ++s, off += row_stride) f(t0 + s, off);
-  }
-}
-
-// for_each_row over tokens [t_begin, t_end) only.
 template <typename F>
 inline void for_each_row(const DecodeArgs& a, int64_t t_begin, int64_t t_end, F f) {
   const int64_t row_stride = a.hkv * a.D;
@@ -83,6 +72,12 @@ inline void for_each_row(const DecodeArgs& a, int64_t t_begin, int64_t t_end, F 
     int64_t off = ((a.table[blk] * a.bs + s0) * a.hkv + a.kvh) * a.D;
     for (int64_t s = s0; s < n; ++s, ++t, off += row_stride) f(t, off);
   }
+}
+
+// for_each_row over the whole context.
+template <typename F>
+inline void for_each_row(const DecodeArgs& a, F f) {
+  for_each_row(a, 0, a.len, f);
 }
 
 }  // namespace nanoflow_decode

@@ -127,15 +127,16 @@ void decode_f32_avx2(const float* q, const float* kc, const float* vc, const Dec
   for (int64_t t0 = 0; t0 < len; t0 += kValueChunk) {
     const int64_t t1 = std::min(len, t0 + kValueChunk);
     for_each_row(a, t1, std::min(len, t1 + kValueChunk), prefetch_v);
-    for (int64_t r = 0; r < R; r += std::min<int64_t>(3, G - r % G)) {  // (r: a kv head's query heads, 3 at most)
-      const int64_t heads = std::min<int64_t>(3, G - r % G), col = (r / G) * D;
-      for (int64_t j = 0; j < D; j += 32) {
-        const ValuePass v{a, t0, t1, sc + r * len, len, vc, col + j, out + r * D + j, D};
-        if (heads == 3) value_pass<3>(v);
-        else if (heads == 2) value_pass<2>(v);
-        else value_pass<1>(v);
+    for (int64_t h = 0; h < nkv; ++h)
+      for (int64_t g = 0; g < G; g += 3) {  // (kv head h's query heads g.., 3 at most)
+        const int64_t r = h * G + g, heads = std::min<int64_t>(3, G - g);
+        for (int64_t j = 0; j < D; j += 32) {
+          const ValuePass v{a, t0, t1, sc + r * len, len, vc, h * D + j, out + r * D + j, D};
+          if (heads == 3) value_pass<3>(v);
+          else if (heads == 2) value_pass<2>(v);
+          else value_pass<1>(v);
+        }
       }
-    }
   }
 }
 

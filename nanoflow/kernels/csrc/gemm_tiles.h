@@ -27,8 +27,8 @@ inline int64_t block_rows(int64_t M, int64_t row_bytes, int64_t min_rows) {
 
 // Work: runs of consecutive panels of one row block, claimed one at a time by whichever thread is free
 // (claimed_runs.h), each run's panels walked in order, every row tile of the block per panel. A run is at most 8
-// panels, and short enough that every thread gets ~8 runs; each tile prefetches its share of the next panel (at a run's end, the panel
-// that starts the next run, likely claimed next).
+// panels, and short enough that every thread gets ~8 runs; each tile prefetches its share of the next panel (at a
+// run's end, the panel that starts the next run, likely claimed next).
 // fn(part, m0, n, next, t, tiles): one tile, on the thread's `part` (< at::get_num_threads(); each part's runs,
 // and so its panels of any one row, in increasing order); `next` is panel n + 1, or nullptr after the last.
 template <typename F>
