@@ -77,7 +77,7 @@ class EngineConfig:
     cpp_decode_stack: bool = True  # CPU: an all-decode step's layers in one C++ call (flow/cpp_stack.py)
     batch_invariant: bool = False  # greedy output independent of batch-mates (kernels/batch_invariant.py; CPU)
     paged_prefill: bool = True  # CPU: prefill attention of short contexts through the paged C++ kernel, one call
-    packed_kv_cache: bool = True  # CPU bf16: K and V pages laid out for the C++ kernel's dot products (attention.py)
+    packed_kv_cache: bool = True  # CPU (bf16, float32): K and V pages laid out for the C++ kernel's dot products (attention.py)
     # Schedule step i+1 while step i runs on the device. None: on with a GPU, off on a CPU, where the step's
     # own threads are the device: a scheduling thread beside them cost 1.22x (ShareGPT 512+512 x 64, 2 cores).
     async_scheduling: bool | None = None
@@ -182,8 +182,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="hand out free KV blocks in pool order instead of placing a request's blocks next to each "
                         "other (ablation: CPU decode attention reads them as scattered pages)")
     g.add_argument("--no-packed-kv-cache", "--no-packed-k-cache", dest="packed_kv_cache", action="store_false",
-                   help="CPU bf16: K and V pages in [slot, head, dim] rows instead of packed, head by head, for the "
-                        "C++ attention kernel's dot products (ablation)")
+                   help="CPU (bf16 and float32): K and V pages in [slot, head, dim] rows instead of packed, head by "
+                        "head, for the C++ attention kernel's dot products (ablation)")
     g.add_argument("--batch-invariant", action="store_true",
                    help="every reduction in a fixed order, so a request's logits (and greedy tokens) do not depend "
                         "on its batch-mates, the executor or prompt chunking (CPU; costs throughput)")

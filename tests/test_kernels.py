@@ -47,39 +47,48 @@ def test_paged_decode_long_contexts(hq, hkv, d, b):
     torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
-@pytest.mark.skipif(ext is None or not ext.packed_kv_supported(64, 16, 3), reason="no AVX512-BF16 build")
+def _packs(dtype) -> bool:
+    """paged_decode takes packed pages of this dtype in this build (bf16: AVX512-BF16, float32: AVX2)."""
+    return ext is not None and ext.packed_kv_supported(64, 16, 3, dtype.itemsize)
+
+
+PACKED_DTYPES = [pytest.param(t, marks=pytest.mark.skipif(not _packs(t), reason=f"no packed {t} pages in this build"))
+                 for t in (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
 @pytest.mark.parametrize("hq, hkv, d", [(9, 3, 64), (8, 2, 128), (4, 4, 64), (14, 2, 64)])
 @pytest.mark.parametrize("b, bs", [(6, 16), (40, 16), (40, 32)])
-def test_paged_decode_packed_kv_matches_torch(hq, hkv, d, b, bs):
+def test_paged_decode_packed_kv_matches_torch(dtype, hq, hkv, d, b, bs):
     """Packed pages give the torch reference's result; slots past a context (odd lengths: the other half of the
     last V pair) hold NaN, as a reused block's stale bytes may, and must not reach the output."""
     gen = torch.Generator().manual_seed(5)
     nb = 1024 // bs * b // 4
-    rows = _paged_cache(nb, bs, hkv, d, torch.bfloat16, gen)
+    rows = _paged_cache(nb, bs, hkv, d, dtype, gen)
     lens = torch.tensor([1, 15, 16, 17, 100, 200] * (b // 6) + [33, 200, 199, 64][: b % 6])
     width = -(-int(lens.max()) // bs)
     tables = torch.randperm(nb, generator=gen)[: b * width].view(b, width)
-    q = torch.randn(b, hq, d, generator=gen).to(torch.bfloat16)
+    q = torch.randn(b, hq, d, generator=gen).to(dtype)
     want = decode_attention_torch(q.float(), rows.float(), tables, lens, int(lens.max()), d ** -0.5)
     past = torch.arange(width * bs)[None] >= lens[:, None]  # [b, width * bs]: slots past each context
     slots = tables.repeat_interleave(bs, 1) * bs + torch.arange(bs).repeat(width)
     rows.view(2, nb * bs, hkv, d)[:, slots[past]] = float("nan")
     cache = pack_kv(rows)
     got = ext.paged_decode(q, cache[0], cache[1], tables, lens, d ** -0.5, True)
-    torch.testing.assert_close(got.float(), want, **TOL[torch.bfloat16])
+    torch.testing.assert_close(got.float(), want, **TOL[dtype])
 
 
-@pytest.mark.skipif(ext is None or not ext.packed_kv_supported(64, 16, 3), reason="no AVX512-BF16 build")
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
 @pytest.mark.parametrize("b", [3, 40])  # items per (request, kv head) and per request
-def test_paged_decode_writes_new_kv(b):
+def test_paged_decode_writes_new_kv(dtype, b):
     """paged_decode(new_kv=...) (the decode stack's) = write_kv_packed, then paged_decode: same pages, same output."""
     gen = torch.Generator().manual_seed(7)
     nb, bs, hkv, d = 4 * b + 8, 16, 3, 64
-    cache = pack_kv(_paged_cache(nb, bs, hkv, d, torch.bfloat16, gen))
+    cache = pack_kv(_paged_cache(nb, bs, hkv, d, dtype, gen))
     lens = torch.randint(1, 4 * bs, (b,), generator=gen)
     tables = torch.randperm(nb, generator=gen)[: 4 * b].view(b, 4)
     slots = tables[torch.arange(b), (lens - 1) // bs] * bs + (lens - 1) % bs
-    qkv = torch.randn(b, 15 * d, generator=gen).bfloat16()  # q, k, v as strided views of a fused output
+    qkv = torch.randn(b, 15 * d, generator=gen).to(dtype)  # q, k, v as strided views of a fused output
     q, k, v = qkv[:, :9 * d].view(b, 9, d), qkv[:, 9 * d:12 * d].view(b, 3, d), qkv[:, 12 * d:].view(b, 3, d)
     separate, fused = cache.clone(), cache.clone()
     ext.write_kv_packed(separate, k, v, slots)
@@ -88,16 +97,17 @@ def test_paged_decode_writes_new_kv(b):
     assert torch.equal(got, want) and torch.equal(fused, separate)
 
 
-def test_write_kv_packed_round_trip():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_packed_round_trip(dtype):
     """Packed K and V written by the C++ kernel and by the torch path are the same bytes, the rows laid out
     packed, and read back as the rows."""
     from nanoflow.kernels.attention import gather_kv, pack_kv, write_kv
     gen = torch.Generator().manual_seed(6)
     nb, bs, h, d = 12, 16, 3, 64
-    qkv = torch.randn(40, 5 * h * d, generator=gen).bfloat16()  # k and v: strided views of a fused output
+    qkv = torch.randn(40, 5 * h * d, generator=gen).to(dtype)  # k and v: strided views of a fused output
     k, v = qkv[:, 3 * h * d:4 * h * d].view(40, h, d), qkv[:, 4 * h * d:].view(40, h, d)
     slots = torch.randperm(nb * bs, generator=gen)[:40]
-    rows, packed, packed_torch = (torch.zeros(2, nb, bs, h, d, dtype=torch.bfloat16) for _ in range(3))
+    rows, packed, packed_torch = (torch.zeros(2, nb, bs, h, d, dtype=dtype) for _ in range(3))
     write_kv(rows, k, v, slots)
     write_kv(packed, k, v, slots, kv_packed=True)
     with cpu_ext.switched(False):

@@ -36,16 +36,17 @@ def test_paged_prefill_matches_sdpa(dtype, tol):
     torch.testing.assert_close(paged.float(), ref.float(), atol=tol, rtol=tol)
 
 
-@pytest.mark.skipif(cpu_ext.get() is None or not cpu_ext.get().packed_kv_supported(D, BS, HQ // HKV),
-                    reason="no AVX512-BF16 build")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("paged", [True, False])
-def test_prefill_over_packed_kv_pages(paged):
-    """The same step over packed KV pages (the CPU bf16 default): the paged kernel and the SDPA path's gather."""
+def test_prefill_over_packed_kv_pages(dtype, tol, paged):
+    """The same step over packed KV pages (the CPU default): the paged kernel and the SDPA path's gather."""
+    if cpu_ext.get() is None or not cpu_ext.get().packed_kv_supported(D, BS, HQ // HKV, dtype.itemsize):
+        pytest.skip(f"no packed {dtype} pages in this build")
     spec = [(30, 0), (17, 32), (5, 100), (40, PAGED_PREFILL_MAX_CONTEXT)]
-    q, k, v, kv, meta = _step(spec, torch.bfloat16)
+    q, k, v, kv, meta = _step(spec, dtype)
     ref, got = torch.empty_like(q), torch.empty_like(q)
     attend_prefill(ref, q, k, v, kv, meta, D ** -0.5, paged=False)
     kv = pack_kv(kv)
     meta.kv_packed = True
     attend_prefill(got, q, k, v, kv, meta, D ** -0.5, paged=paged)
-    torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)

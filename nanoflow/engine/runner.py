@@ -116,15 +116,16 @@ class ModelRunner:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
 
     def _packs_kv(self, config) -> bool:
-        """K and V pages in the packed layout (attention.py): a CPU, bf16, the C++ kernels on and built with
-        AVX512-BF16 for this head_dim / block size / GQA ratio, and not switched off."""
+        """K and V pages in the packed layout (attention.py): a CPU, bf16 (a build with AVX512-BF16) or float32
+        (AVX2), the C++ kernels on and taking this head_dim / block size / GQA ratio, and not switched off."""
         if not (config.packed_kv_cache and config.cpp_kernels and self.device.type == "cpu"
-                and self.dtype == torch.bfloat16):
+                and self.dtype in (torch.bfloat16, torch.float32)):
             return False
         with cpu_ext.switched(True):
             ext = cpu_ext.get()
         c = self.cfg
-        return ext is not None and ext.packed_kv_supported(c.head_dim, self.block_size, c.num_heads // c.num_kv_heads)
+        return ext is not None and ext.packed_kv_supported(c.head_dim, self.block_size, c.num_heads // c.num_kv_heads,
+                                                           self.dtype.itemsize)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Host side of a step (scheduling thread): token ids, positions, slots, block tables, sampling rows."""

@@ -1,10 +1,11 @@
 """Paged attention in plain torch (the CPU path and the reference for GPU kernels). Decode attention goes to
 the C++ kernel on the CPU and to the Triton paged kernel on CUDA (torch fallback for shapes it does not take).
 
-KV cache per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]. With `kv_packed` (the CPU bf16 default,
-ModelRunner decides) the same bytes hold each block head by head, K as [num_kv_heads, head_dim / 2, block_size, 2]
-and V as [num_kv_heads, block_size / 2, head_dim, 2]: the C++ kernel's dot products read 16 slots' pairs of dims
-(K) or 16 dims of a pair of slots (V) as one vector, and each head's page is one stream (csrc/decode_common.h).
+KV cache per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]. With `kv_packed` (the CPU default with
+the C++ kernels, ModelRunner decides) the same bytes hold each block head by head in 4-byte units of P values (bf16:
+P = 2, float32: P = 1), K as [num_kv_heads, head_dim / P, block_size, P] and V as [num_kv_heads, block_size / P,
+head_dim, P]: the C++ kernel's dot products read 16 (bf16) or 8 (float32) slots' units of dims (K) or dims of a unit
+of slots (V) as one vector, and each head's page is one stream (csrc/decode_common.h).
 The step's tokens are laid out decode first (one token per request), prefill chunks last.
 """
 from __future__ import annotations
@@ -49,19 +50,26 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
         ext.write_kv_packed(kv_cache, k, v, slot_mapping)
         return
     if kv_packed:
+        p = _packed_unit(kv_cache)
         blk, off = slot_mapping // bs, slot_mapping % bs
-        kv_cache[0].view(nb, h, d // 2, bs, 2)[blk, :, :, off] = k.view(-1, h, d // 2, 2)
-        kv_cache[1].view(nb, h, bs // 2, d, 2)[blk, :, off // 2, :, off % 2] = v
+        kv_cache[0].view(nb, h, d // p, bs, p)[blk, :, :, off] = k.view(-1, h, d // p, p)
+        kv_cache[1].view(nb, h, bs // p, d, p)[blk, :, off // p, :, off % p] = v
         return
     kv_cache[0].view(nb * bs, h, d).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(nb * bs, h, d).index_copy_(0, slot_mapping, v)
 
 
+def _packed_unit(kv_cache: torch.Tensor) -> int:
+    """P, values per 4-byte unit of a packed page: 2 for bf16, 1 for float32."""
+    return 4 // kv_cache.element_size()
+
+
 def pack_kv(kv_cache: torch.Tensor) -> torch.Tensor:
     """A cache [2, nb, bs, H, D] of rows laid out packed (module docstring), same shape."""
     _, nb, bs, h, d = kv_cache.shape
-    k = kv_cache[0].view(nb, bs, h, d // 2, 2).permute(0, 2, 3, 1, 4)  # [nb, H, D/2, bs, 2]
-    v = kv_cache[1].view(nb, bs // 2, 2, h, d).permute(0, 3, 1, 4, 2)  # [nb, H, bs/2, D, 2]
+    p = _packed_unit(kv_cache)
+    k = kv_cache[0].view(nb, bs, h, d // p, p).permute(0, 2, 3, 1, 4)  # [nb, H, D/P, bs, P]
+    v = kv_cache[1].view(nb, bs // p, p, h, d).permute(0, 3, 1, 4, 2)  # [nb, H, bs/P, D, P]
     return torch.stack([k.reshape(nb, bs, h, d), v.reshape(nb, bs, h, d)])
 
 
@@ -166,8 +174,9 @@ def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int,
     b, n = block_tables.shape
     _, nb, bs, h, d = kv_cache.shape
     if packed:
-        k = kv_cache[0].view(nb, h, d // 2, bs, 2)[block_tables].permute(0, 2, 1, 4, 3, 5)  # [B, H, n, bs, D/2, 2]
-        v = kv_cache[1].view(nb, h, bs // 2, d, 2)[block_tables].permute(0, 2, 1, 3, 5, 4)  # [B, H, n, bs/2, 2, D]
+        p = _packed_unit(kv_cache)
+        k = kv_cache[0].view(nb, h, d // p, bs, p)[block_tables].permute(0, 2, 1, 4, 3, 5)  # [B, H, n, bs, D/P, P]
+        v = kv_cache[1].view(nb, h, bs // p, d, p)[block_tables].permute(0, 2, 1, 3, 5, 4)  # [B, H, n, bs/P, P, D]
         return k.reshape(b, h, n * bs, d)[:, :, :length], v.reshape(b, h, n * bs, d)[:, :, :length]
     k, v = (kv_cache[i][block_tables].view(b, n * bs, h, d)[:, :length].transpose(1, 2) for i in (0, 1))
     return k, v

@@ -4,7 +4,7 @@
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_tables, torch::Tensor lens, double scale, bool kv_packed,
                            c10::optional<std::vector<torch::Tensor>> new_kv);
-bool packed_kv_supported(int64_t head_dim, int64_t block_size, int64_t group);
+bool packed_kv_supported(int64_t head_dim, int64_t block_size, int64_t group, int64_t element_size);
 void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
 torch::Tensor silu_and_mul(torch::Tensor gate_up);
 void rope_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin, int64_t num_heads,
@@ -31,7 +31,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention", py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("block_tables"), py::arg("lens"), py::arg("scale"), py::arg("kv_packed") = false,
         py::arg("new_kv") = py::none(), nogil());
-  m.def("packed_kv_supported", &packed_kv_supported, "whether paged_decode takes packed KV pages of this shape");
+  m.def("packed_kv_supported", &packed_kv_supported,
+        "whether paged_decode takes packed KV pages of this shape and element size (2: bf16, 4: float32)");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = rms_norm(residual) * w (in place)", nogil());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", nogil());
   m.def("write_kv_packed", &write_kv_packed, "K and V into packed pages", nogil());

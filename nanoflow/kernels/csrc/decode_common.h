@@ -17,13 +17,14 @@ struct DecodeArgs {  // one work item: a request's kv heads [kvh, kvh + the item
   bool kv_packed = false;  // the pages' layout (below)
 };
 
-// Pages come in one of two layouts. Rows: K and V as [block, slot, kv head, d]. Packed (bf16 only), each kv
-// head's page contiguous: K as [block, kv head, d / 2, slot, 2] - for a pair of dims the slots' pairs lie side by
-// side, so a vector of 16 slots' pairs is one dot-product operand against the query's pair broadcast and a page's
-// 16 scores come out of the dot products directly (no horizontal reduction); V as [block, kv head, slot / 2, d,
-// 2] - a vector holds 16 dims of a pair of slots, the operand against the pair of probabilities broadcast, the
-// sums in d order. A head's page read front to back is one stream (rows interleave the heads: reading one head's
-// slice of each row ran at 60% of the rate from DRAM).
+// Pages come in one of two layouts. Rows: K and V as [block, slot, kv head, d]. Packed, each kv head's page
+// contiguous and laid out in 4-byte units of P = 4 / sizeof(element) values (bf16: pairs, float32: single values):
+// K as [block, kv head, d / P, slot, P] - for a unit of dims the slots' units lie side by side, so a vector of 16
+// slots is one dot-product operand against the query's unit broadcast and a page's 16 scores come out of the dot
+// products directly (no horizontal reduction); V as [block, kv head, slot / P, d, P] - a vector holds 16 (bf16) or
+// 8 (float32) dims of a unit of slots, the operand against the units' probabilities broadcast, the sums in d order.
+// A head's page read front to back is one stream (rows interleave the heads: reading one head's slice of each row
+// ran at 60% of the rate from DRAM).
 
 // The start of kv head `h`'s page of block `blk` in a packed cache (K or V): its bs * D values, one run.
 template <typename T>
@@ -31,18 +32,20 @@ inline T* head_page(T* cache, int64_t blk, int64_t h, int64_t hkv, int64_t bs, i
   return cache + (blk * hkv + h) * bs * D;
 }
 
-// One token's K and V rows (bf16 bits, [kv head][D] each) of kv heads [h0, h1) into packed pages at `slot`: K a
-// whole pair of dims (4 bytes) per store, V a 2-byte half of its (slot, slot + 1) pair. Full caches [blocks, bs,
+// One token's K and V rows ([kv head][D] each, U: the element's bits) of kv heads [h0, h1) into packed pages at
+// `slot`: K a whole 4-byte unit of dims per store, V one element of its unit of slots. Full caches [blocks, bs,
 // hkv, D] in packed layout.
-inline void write_packed_token(uint16_t* k_cache, uint16_t* v_cache, const uint16_t* k, const uint16_t* v,
-                               int64_t slot, int64_t bs, int64_t hkv, int64_t D, int64_t h0, int64_t h1) {
+template <typename U>
+inline void write_packed_token(U* k_cache, U* v_cache, const U* k, const U* v, int64_t slot, int64_t bs,
+                               int64_t hkv, int64_t D, int64_t h0, int64_t h1) {
+  constexpr int64_t P = 4 / sizeof(U);
   const int64_t blk = slot / bs, off = slot % bs;
   for (int64_t h = h0; h < h1; ++h) {
     uint32_t* kp = reinterpret_cast<uint32_t*>(head_page(k_cache, blk, h, hkv, bs, D)) + off;
     const uint32_t* kr = reinterpret_cast<const uint32_t*>(k + h * D);
-    for (int64_t i = 0; i < D / 2; ++i) kp[i * bs] = kr[i];
-    uint16_t* vp = head_page(v_cache, blk, h, hkv, bs, D) + (off & ~int64_t(1)) * D + (off & 1);
-    for (int64_t d = 0; d < D; ++d) vp[2 * d] = v[h * D + d];
+    for (int64_t i = 0; i < D / P; ++i) kp[i * bs] = kr[i];
+    U* vp = head_page(v_cache, blk, h, hkv, bs, D) + off / P * P * D + off % P;
+    for (int64_t d = 0; d < D; ++d) vp[P * d] = v[h * D + d];
   }
 }
 

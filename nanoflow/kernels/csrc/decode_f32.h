@@ -1,5 +1,6 @@
 // The AVX2+FMA float32 path of paged decode attention (paged_decode.cpp): head_dim 64 or 128.
 #pragma once
+#include <type_traits>
 #include <vector>
 #include "decode_common.h"
 
@@ -43,6 +44,17 @@ inline __m256 hsum8x256(const float* d) {  // d: eight vectors, one after anothe
   const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(v(0), v(1)), _mm256_hadd_ps(v(2), v(3)));
   const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(v(4), v(5)), _mm256_hadd_ps(v(6), v(7)));
   return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+}
+
+// Calls f(std::integral_constant<int, H>{}, g) for the query heads of a kv head in passes of H <= 3 from g (the
+// V passes' and packed K pass's register budget: 4H accumulators and a vector per head).
+template <typename F>
+inline void for_each_head_pass(int64_t G, F f) {
+  for (int64_t g = 0; g < G; g += 3) {
+    if (G - g >= 3) f(std::integral_constant<int, 3>{}, g);
+    else if (G - g == 2) f(std::integral_constant<int, 2>{}, g);
+    else f(std::integral_constant<int, 1>{}, g);
+  }
 }
 
 struct ValuePass {  // value_pass's arguments
@@ -128,15 +140,99 @@ void decode_f32_avx2(const float* q, const float* kc, const float* vc, const Dec
     const int64_t t1 = std::min(len, t0 + kValueChunk);
     for_each_row(a, t1, std::min(len, t1 + kValueChunk), prefetch_v);
     for (int64_t h = 0; h < nkv; ++h)
-      for (int64_t g = 0; g < G; g += 3) {  // (kv head h's query heads g.., 3 at most)
-        const int64_t r = h * G + g, heads = std::min<int64_t>(3, G - g);
-        for (int64_t j = 0; j < D; j += 32) {
-          const ValuePass v{a, t0, t1, sc + r * len, len, vc, h * D + j, out + r * D + j, D};
-          if (heads == 3) value_pass<3>(v);
-          else if (heads == 2) value_pass<2>(v);
-          else value_pass<1>(v);
+      for_each_head_pass(G, [&](auto H, int64_t g) {
+        for (int64_t j = 0; j < D; j += 32)
+          value_pass<decltype(H)::value>(
+              {a, t0, t1, sc + (h * G + g) * len, len, vc, h * D + j, out + (h * G + g) * D + j, D});
+      });
+  }
+}
+
+// Packed pages (decode_common.h; float32: per kv head K as [D][bs], V as [bs][D]). The K pass takes 16 slots of a
+// page at once: one FMA per (dim, 8 slots, query head) against the query's value broadcast, the 16 scores straight
+// out of the sums (no horizontal reductions: the rows kernel's K pass spent as long in those as in its FMAs); the V
+// passes read each head's page rows in order. Each score sums d in two chains (even and odd d), added at the end.
+
+// Scores of slots [c, c + 16) of a K page (kp: its column c, rows bs apart) for H query heads (q rows D apart):
+// s[h * 16 + i], scaled.
+template <int H>
+inline void key_scores(const float* kp, int64_t bs, const float* q, int64_t D, __m256 scale, float* s) {
+  __m256 e[H][2], o[H][2];
+  for (int h = 0; h < H; ++h) e[h][0] = e[h][1] = o[h][0] = o[h][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 2) {
+    const float *k0 = kp + d * bs, *k1 = k0 + bs;
+    const __m256 a0 = _mm256_loadu_ps(k0), a1 = _mm256_loadu_ps(k0 + 8);
+    for (int h = 0; h < H; ++h) {
+      const __m256 x = _mm256_broadcast_ss(q + h * D + d);
+      e[h][0] = _mm256_fmadd_ps(x, a0, e[h][0]);
+      e[h][1] = _mm256_fmadd_ps(x, a1, e[h][1]);
+    }
+    const __m256 b0 = _mm256_loadu_ps(k1), b1 = _mm256_loadu_ps(k1 + 8);
+    for (int h = 0; h < H; ++h) {
+      const __m256 x = _mm256_broadcast_ss(q + h * D + d + 1);
+      o[h][0] = _mm256_fmadd_ps(x, b0, o[h][0]);
+      o[h][1] = _mm256_fmadd_ps(x, b1, o[h][1]);
+    }
+  }
+  for (int h = 0; h < H; ++h)
+    for (int i = 0; i < 2; ++i)
+      _mm256_storeu_ps(s + h * 16 + i * 8, _mm256_mul_ps(_mm256_add_ps(e[h][i], o[h][i]), scale));
+}
+
+// H query heads' outputs for 32 dims over n rows of a V page (v: the rows' first dim, rows `stride` apart), from
+// `out` (zero at the first page): 4H accumulators, each V vector loaded once for the H heads.
+template <int H>
+inline void value_rows(const float* v, int64_t stride, int64_t n, const float* probs, int64_t len, float* out,
+                       int64_t D, bool first) {
+  __m256 acc[H][4];
+  for (int h = 0; h < H; ++h)
+    for (int i = 0; i < 4; ++i) acc[h][i] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + h * D + i * 8);
+  for (int64_t s = 0; s < n; ++s, v += stride) {
+    __m256 p[H];
+    for (int h = 0; h < H; ++h) p[h] = _mm256_set1_ps(probs[h * len + s]);
+    for (int i = 0; i < 4; ++i) {
+      const __m256 x = _mm256_loadu_ps(v + i * 8);
+      for (int h = 0; h < H; ++h) acc[h][i] = _mm256_fmadd_ps(p[h], x, acc[h][i]);
+    }
+  }
+  for (int h = 0; h < H; ++h)
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + h * D + i * 8, acc[h][i]);
+}
+
+// kv heads [a.kvh, a.kvh + nkv) of one request over packed pages; NV = head_dim / 8.
+template <int NV>
+void decode_f32_packed(const float* q, const float* kc, const float* vc, const DecodeArgs& a, int64_t nkv,
+                       float* out, std::vector<float>& scores) {
+  const int64_t G = a.G, len = a.len, bs = a.bs, D = NV * 8;
+  scores.resize(nkv * G * len + 48);
+  float* sc = scores.data();
+  float* tile = sc + nkv * G * len;  // [3][16] scores of one key_scores call
+  const __m256 scale = _mm256_set1_ps(a.scale);
+  for (int64_t blk = 0, t0 = 0; t0 < len; ++blk, t0 += bs) {
+    const int64_t n = std::min(bs, len - t0);
+    for (int64_t h = 0; h < nkv; ++h) {
+      const float* kp = head_page(kc, a.table[blk], a.kvh + h, a.hkv, bs, D);
+      for_each_head_pass(G, [&](auto H, int64_t g) {
+        for (int64_t c = 0; c < n; c += 16) {  // (the lanes past n: stale slots, not copied)
+          key_scores<decltype(H)::value>(kp + c, bs, q + (h * G + g) * D, D, scale, tile);
+          const int64_t m = std::min<int64_t>(16, n - c);
+          for (int i = 0; i < decltype(H)::value; ++i)
+            std::copy(tile + i * 16, tile + i * 16 + m, sc + (h * G + g + i) * len + t0 + c);
         }
-      }
+      });
+    }
+  }
+  softmax_rows_avx2(sc, nkv * G, len);
+  for (int64_t blk = 0, t0 = 0; t0 < len; ++blk, t0 += bs) {
+    const int64_t n = std::min(bs, len - t0);
+    for (int64_t h = 0; h < nkv; ++h) {
+      const float* vp = head_page(vc, a.table[blk], a.kvh + h, a.hkv, bs, D);
+      for_each_head_pass(G, [&](auto H, int64_t g) {
+        for (int64_t j = 0; j < D; j += 32)
+          value_rows<decltype(H)::value>(vp + j, D, n, sc + (h * G + g) * len + t0, len, out + (h * G + g) * D + j,
+                                         D, t0 == 0);
+      });
+    }
   }
 }
 

@@ -198,24 +198,33 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
 }
 
 // k, v [T, H, D] (rows may be strided, heads dense) into kv_cache [2, nb, bs, H, D] at slot_mapping, as packed
-// pages (decode_common.h: per block and kv head, K as [D / 2, bs, 2], V as [bs / 2, D, 2]).
-void write_kv_packed(torch::Tensor kv_cache, torch::Tensor k, torch::Tensor v, torch::Tensor slot_mapping) {
-  TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.element_size() == 2 && k.element_size() == 2 &&
-              v.element_size() == 2, "16-bit KV");
-  for (const auto& x : {k, v})
-    TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2), "k, v must be [T, H, D], heads dense");
-  auto slots = slot_mapping.to(torch::kLong).contiguous();
+// pages (decode_common.h: per block and kv head, K as [D / P, bs, P], V as [bs / P, D, P]; P = 2 for 16-bit
+// values, 1 for float32).
+namespace {
+template <typename U>
+void write_packed_tokens(torch::Tensor kv_cache, const torch::Tensor& k, const torch::Tensor& v, const int64_t* sp) {
   const int64_t T = k.size(0), H = k.size(1), D = k.size(2), nb = kv_cache.size(1), bs = kv_cache.size(2);
-  TORCH_CHECK(bs % 2 == 0 && D % 2 == 0, "packed pages need an even block size and head_dim");
-  const int64_t* sp = slots.data_ptr<int64_t>();
-  const auto* ks = reinterpret_cast<const uint16_t*>(k.data_ptr());
-  const auto* vs = reinterpret_cast<const uint16_t*>(v.data_ptr());
-  auto* kd = reinterpret_cast<uint16_t*>(kv_cache.data_ptr());
-  uint16_t* vd = kd + nb * bs * H * D;
-  // A token's K pairs land on H * D / 2 different cache lines (read for ownership, often from DRAM): latency
+  const auto* ks = reinterpret_cast<const U*>(k.data_ptr());
+  const auto* vs = reinterpret_cast<const U*>(v.data_ptr());
+  auto* kd = reinterpret_cast<U*>(kv_cache.data_ptr());
+  U* vd = kd + nb * bs * H * D;
+  // A token's K units land on H * D / P different cache lines (read for ownership, often from DRAM): latency
   // bound, so both threads take part even for a decode step's few dozen tokens.
   at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       nanoflow_decode::write_packed_token(kd, vd, ks + t * k.stride(0), vs + t * v.stride(0), sp[t], bs, H, D, 0, H);
   });
+}
+}  // namespace
+
+void write_kv_packed(torch::Tensor kv_cache, torch::Tensor k, torch::Tensor v, torch::Tensor slot_mapping) {
+  const int64_t size = kv_cache.element_size();
+  TORCH_CHECK(kv_cache.is_contiguous() && (size == 2 || size == 4) && k.element_size() == size &&
+              v.element_size() == size, "16-bit or float32 KV");
+  for (const auto& x : {k, v})
+    TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2), "k, v must be [T, H, D], heads dense");
+  TORCH_CHECK(kv_cache.size(2) % 2 == 0 && k.size(2) % 2 == 0, "packed pages need an even block size and head_dim");
+  auto slots = slot_mapping.to(torch::kLong).contiguous();
+  if (size == 2) write_packed_tokens<uint16_t>(kv_cache, k, v, slots.data_ptr<int64_t>());
+  else write_packed_tokens<uint32_t>(kv_cache, k, v, slots.data_ptr<int64_t>());
 }

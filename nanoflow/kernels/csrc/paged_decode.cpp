@@ -6,6 +6,7 @@
 // takes the portable loop.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <type_traits>
 #include <vector>
 #include "claimed_runs.h"
 #include "decode_bf16.h"
@@ -53,6 +54,8 @@ void decode_item(const T* q, const T* kc, const T* vc, DecodeArgs a, int64_t nkv
 #endif
 #ifdef NANOFLOW_AVX2
   if constexpr (std::is_same_v<T, float>) {
+    if (a.kv_packed && a.D == 64) return decode_f32_packed<8>(q, kc, vc, a, nkv, out, scores);
+    if (a.kv_packed && a.D == 128) return decode_f32_packed<16>(q, kc, vc, a, nkv, out, scores);
     if (a.D == 64) return decode_f32_avx2<8>(q, kc, vc, a, nkv, out, scores);
     if (a.D == 128) return decode_f32_avx2<16>(q, kc, vc, a, nkv, out, scores);
   }
@@ -63,25 +66,25 @@ void decode_item(const T* q, const T* kc, const T* vc, DecodeArgs a, int64_t nkv
 
 // paged_decode's new_kv, checked: this step's K and V rows and their slots (none: slots == nullptr).
 struct NewTokens {
-  const uint16_t *k = nullptr, *v = nullptr;
+  const void *k = nullptr, *v = nullptr;  // (the cache's element type)
   int64_t k_row = 0, v_row = 0;
   const int64_t* slots = nullptr;
   torch::Tensor slot_tensor;  // (keeps slots alive)
 };
 
-NewTokens new_tokens(const c10::optional<std::vector<torch::Tensor>>& new_kv, bool kv_packed, int64_t B,
-                     int64_t hkv, int64_t D) {
+NewTokens new_tokens(const c10::optional<std::vector<torch::Tensor>>& new_kv, bool kv_packed, at::ScalarType dtype,
+                     int64_t B, int64_t hkv, int64_t D) {
   NewTokens t;
   if (!new_kv.has_value()) return t;
   const auto& n = *new_kv;
   TORCH_CHECK(kv_packed && n.size() == 3, "paged_decode: new_kv = (k, v, slots) needs packed pages");
   for (int i = 0; i < 2; ++i)
-    TORCH_CHECK(n[i].scalar_type() == at::kBFloat16 && n[i].dim() == 3 && n[i].size(0) == B && n[i].size(1) == hkv &&
+    TORCH_CHECK(n[i].scalar_type() == dtype && n[i].dim() == 3 && n[i].size(0) == B && n[i].size(1) == hkv &&
                 n[i].size(2) == D && n[i].stride(2) == 1 && n[i].stride(1) == D, "paged_decode: new k, v [B, Hkv, D]");
   t.slot_tensor = n[2].to(torch::kLong).contiguous();
   TORCH_CHECK(t.slot_tensor.numel() == B, "paged_decode: a slot per request");
-  t.k = reinterpret_cast<const uint16_t*>(n[0].data_ptr());
-  t.v = reinterpret_cast<const uint16_t*>(n[1].data_ptr());
+  t.k = n[0].data_ptr();
+  t.v = n[1].data_ptr();
   t.k_row = n[0].stride(0), t.v_row = n[1].stride(0), t.slots = t.slot_tensor.data_ptr<int64_t>();
   return t;
 }
@@ -89,12 +92,16 @@ NewTokens new_tokens(const c10::optional<std::vector<torch::Tensor>>& new_kv, bo
 }  // namespace
 
 // q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, W]; lens [B].
-bool packed_kv_supported(int64_t head_dim, int64_t block_size, int64_t group) {
+// Whether paged_decode reads packed pages of this shape and element size (2: bf16, 4: float32).
+bool packed_kv_supported(int64_t head_dim, int64_t block_size, int64_t group, int64_t element_size) {
+  const bool shape = (head_dim == 64 || head_dim == 128) && block_size % 16 == 0 && group >= 1;
 #ifdef NANOFLOW_AVX512BF16
-  return (head_dim == 64 || head_dim == 128) && block_size % 16 == 0 && group >= 1 && group <= 8;
-#else
-  return false;
+  if (element_size == 2) return shape && group <= 8;
 #endif
+#ifdef NANOFLOW_AVX2
+  if (element_size == 4) return shape;
+#endif
+  return false;
 }
 
 // new_kv: this step's K and V rows ([B, Hkv, D] each, heads dense) and their slots, written into the packed pages
@@ -111,14 +118,17 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   const int64_t bs = k_cache.size(1), hkv = k_cache.size(2), W = bt.size(1), G = Hq / hkv;
   // A work item is a request (all its kv heads: whole K/V rows, streamed in order) when there are enough
   // requests to keep every thread busy, else one (request, kv head).
-  TORCH_CHECK(!kv_packed || (q.scalar_type() == at::kBFloat16 && packed_kv_supported(D, bs, G)),
-              "packed KV pages need bf16, head_dim 64/128, a block size multiple of 16 and an AVX512-BF16 build");
+  TORCH_CHECK(!kv_packed || ((q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat) &&
+                             packed_kv_supported(D, bs, G, q.element_size())),
+              "packed KV pages need bf16 (an AVX512-BF16 build) or float32 (AVX2), head_dim 64/128 and a block size "
+              "multiple of 16");
   const int64_t nkv = B >= 4 * at::get_num_threads() ? hkv : 1, per_req = hkv / nkv;
-  const NewTokens fresh = new_tokens(new_kv, kv_packed, B, hkv, D);
-  auto* k_pages = reinterpret_cast<uint16_t*>(k_cache.data_ptr());  // (written through when fresh has slots)
-  auto* v_pages = reinterpret_cast<uint16_t*>(v_cache.data_ptr());
+  const NewTokens fresh = new_tokens(new_kv, kv_packed, q.scalar_type(), B, hkv, D);
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
+    using U = std::conditional_t<sizeof(scalar_t) == 2, uint16_t, uint32_t>;  // (packed: bf16 or float32 bits)
+    auto* k_pages = reinterpret_cast<U*>(k_cache.data_ptr());  // (written through when fresh has slots)
+    auto* v_pages = reinterpret_cast<U*>(v_cache.data_ptr());
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = k_cache.data_ptr<scalar_t>();
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
@@ -141,8 +151,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
           a.next_len = nkv == hkv ? lp[(i + 1) / per_req] : 0;
         }
         if (fresh.slots != nullptr)
-          write_packed_token(k_pages, v_pages, fresh.k + b * fresh.k_row, fresh.v + b * fresh.v_row, fresh.slots[b],
-                             bs, hkv, D, h, h + nkv);
+          write_packed_token(k_pages, v_pages, static_cast<const U*>(fresh.k) + b * fresh.k_row,
+                             static_cast<const U*>(fresh.v) + b * fresh.v_row, fresh.slots[b], bs, hkv, D, h, h + nkv);
         decode_item<scalar_t>(qp + (b * Hq + h * G) * D, kp, vp, a, nkv, op + (b * Hq + h * G) * D, scores[part],
                               acc[part]);
       }
