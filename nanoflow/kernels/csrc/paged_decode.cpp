@@ -2,8 +2,8 @@
 // Reads each K and V row exactly once (no gather copy); float32 accumulation; parallel over requests
 // (or (request, kv head) when there are few) with ATen's thread pool so it honours torch.set_num_threads.
 // bf16 with head_dim 64 or 128 takes an AVX512-BF16 path (dot products with vdpbf16ps, whose bf16
-// products are exact in float32), float32 with head_dim 64 or 128 an AVX2+FMA path; everything else
-// takes the portable loop.
+// products are exact in float32), float32 with head_dim 64 or 128 an AVX2+FMA path (decode_f32.h: rows or
+// packed pages); everything else takes the portable loop.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <type_traits>
