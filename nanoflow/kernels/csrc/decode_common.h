@@ -19,9 +19,9 @@ struct DecodeArgs {  // one work item: a request's kv heads [kvh, kvh + the item
 
 // Pages come in one of two layouts. Rows: K and V as [block, slot, kv head, d]. Packed, each kv head's page
 // contiguous and laid out in 4-byte units of P = 4 / sizeof(element) values (bf16: pairs, float32: single values):
-// K as [block, kv head, d / P, slot, P] - for a unit of dims the slots' units lie side by side, so a vector of 16
-// slots is one dot-product operand against the query's unit broadcast and a page's 16 scores come out of the dot
-// products directly (no horizontal reduction); V as [block, kv head, slot / P, d, P] - a vector holds 16 (bf16) or
+// K as [block, kv head, d / P, slot, P] - for a unit of dims the slots' units lie side by side, so a vector of
+// slots (16 bf16 pairs in AVX-512, 8 float32 in AVX2) is one operand against the query's unit broadcast and a
+// page's scores come out of the dot products directly (no horizontal reduction); V as [block, kv head, slot / P, d, P] - a vector holds 16 (bf16) or
 // 8 (float32) dims of a unit of slots, the operand against the units' probabilities broadcast, the sums in d order.
 // A head's page read front to back is one stream (rows interleave the heads: reading one head's slice of each row
 // ran at 60% of the rate from DRAM).
