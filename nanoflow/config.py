@@ -77,7 +77,7 @@ class EngineConfig:
     cpp_decode_stack: bool = True  # CPU: an all-decode step's layers in one C++ call (flow/cpp_stack.py)
     batch_invariant: bool = False  # greedy output independent of batch-mates (kernels/batch_invariant.py; CPU)
     paged_prefill: bool = True  # CPU: prefill attention of short contexts through the paged C++ kernel, one call
-    packed_kv_cache: bool = True  # CPU (bf16, float32): K and V pages laid out for the C++ kernel's dot products (attention.py)
+    packed_kv_cache: bool = True  # CPU bf16 and float32: KV pages laid out for the C++ kernel (attention.py)
     # Schedule step i+1 while step i runs on the device. None: on with a GPU, off on a CPU, where the step's
     # own threads are the device: a scheduling thread beside them cost 1.22x (ShareGPT 512+512 x 64, 2 cores).
     async_scheduling: bool | None = None

@@ -6,8 +6,8 @@ of a 95 ms step between its ~270 kernel calls; the C++ loop spends microseconds 
 A step takes it when every row decodes and every operation of the Python forward would be one of those C++
 kernels: a CPU model on one device with panel-packed GEMMs (gate/up GLU-packed: bf16 on AVX512-BF16, float32
 on AVX2-only CPUs), not batch-invariant, the sequential executor, no nano-op trace being recorded; KV pages
-packed (written by the attention kernel) or rows (written as attention.write_kv writes them). Anything else (prefill chunks,
-F.linear or oneDNN GEMMs, ...) runs the wrapped executor. The hidden states are the same bit for bit
+packed (written by the attention kernel) or rows (written as attention.write_kv writes them). Anything else
+(prefill chunks, F.linear or oneDNN GEMMs, ...) runs the wrapped executor. The hidden states are the same bit for bit
 (tests/test_cpp_stack.py); `--no-cpp-decode-stack` (EngineConfig.cpp_decode_stack) switches it off.
 """
 from __future__ import annotations
