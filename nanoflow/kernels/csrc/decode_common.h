@@ -21,8 +21,9 @@ struct DecodeArgs {  // one work item: a request's kv heads [kvh, kvh + the item
 // contiguous and laid out in 4-byte units of P = 4 / sizeof(element) values (bf16: pairs, float32: single values):
 // K as [block, kv head, d / P, slot, P] - for a unit of dims the slots' units lie side by side, so a vector of
 // slots (16 bf16 pairs in AVX-512, 8 float32 in AVX2) is one operand against the query's unit broadcast and a
-// page's scores come out of the dot products directly (no horizontal reduction); V as [block, kv head, slot / P, d, P] - a vector holds 16 (bf16) or
-// 8 (float32) dims of a unit of slots, the operand against the units' probabilities broadcast, the sums in d order.
+// page's scores come out of the dot products directly (no horizontal reduction); V as [block, kv head, slot / P,
+// d, P] - a vector holds 16 (bf16) or 8 (float32) dims of a unit of slots, the operand against the units'
+// probabilities broadcast, the sums in d order.
 // A head's page read front to back is one stream (rows interleave the heads: reading one head's slice of each row
 // ran at 60% of the rate from DRAM).
 
@@ -65,16 +66,25 @@ inline void softmax_rows(float* s, int64_t rows, int64_t len) {
 }
 
 
-// Calls f(t, row_offset) for context tokens [t_begin, t_end), walking the block table page by page (no
-// per-token division: a 64-bit divide per row costs more than the row's arithmetic).
+// Calls f(t, n, block, s0) for each page of context tokens [t_begin, t_end): tokens [t, t + n) sit in pool block
+// `block` from slot s0 (no per-token division: a 64-bit divide per row costs more than the row's arithmetic).
+template <typename F>
+inline void for_each_page(const DecodeArgs& a, int64_t t_begin, int64_t t_end, F f) {
+  for (int64_t t = t_begin, blk = t_begin / a.bs; t < t_end; ++blk) {
+    const int64_t s0 = t - blk * a.bs, n = std::min(a.bs, t_end - blk * a.bs) - s0;
+    f(t, n, a.table[blk], s0);
+    t += n;
+  }
+}
+
+// Calls f(t, row_offset) for context tokens [t_begin, t_end) of a rows cache, page by page.
 template <typename F>
 inline void for_each_row(const DecodeArgs& a, int64_t t_begin, int64_t t_end, F f) {
   const int64_t row_stride = a.hkv * a.D;
-  for (int64_t t = t_begin, blk = t_begin / a.bs; t < t_end; ++blk) {
-    const int64_t s0 = t - blk * a.bs, n = std::min(a.bs, t_end - blk * a.bs);
-    int64_t off = ((a.table[blk] * a.bs + s0) * a.hkv + a.kvh) * a.D;
-    for (int64_t s = s0; s < n; ++s, ++t, off += row_stride) f(t, off);
-  }
+  for_each_page(a, t_begin, t_end, [&](int64_t t, int64_t n, int64_t block, int64_t s0) {
+    int64_t off = ((block * a.bs + s0) * a.hkv + a.kvh) * a.D;
+    for (int64_t s = 0; s < n; ++s, off += row_stride) f(t + s, off);
+  });
 }
 
 // for_each_row over the whole context.

@@ -57,36 +57,25 @@ inline void for_each_head_pass(int64_t G, F f) {
   }
 }
 
-struct ValuePass {  // value_pass's arguments
-  const DecodeArgs& a;
-  int64_t t0, t1;
-  const float* probs;  // the first head's probability row (the others follow, len apart)
-  int64_t len;
-  const float* vc;
-  int64_t col;  // the 32 dims' offset in a row
-  float* out;  // the first head's 32 outputs (the others follow, D apart)
-  int64_t D;
-};
-
-// H query heads' outputs for 32 dims over tokens [t0, t1): 4H accumulators in registers (with H probabilities and
-// one V vector: 16 at H = 3), each V vector loaded once for the H heads. Starts from `out` after the first chunk.
+// H query heads' outputs for 32 dims over n rows of a V page (v: the rows' first dim, rows `stride` apart), from
+// `out` (zero at the context's first page): 4H accumulators in registers (with H probabilities and one V vector: 16
+// at H = 3), each V vector loaded once for the H heads. Both layouts' V passes, a page at a time.
 template <int H>
-inline void value_pass(const ValuePass& v) {
+inline void value_rows(const float* v, int64_t stride, int64_t n, const float* probs, int64_t len, float* out,
+                       int64_t D, bool first) {
   __m256 acc[H][4];
   for (int h = 0; h < H; ++h)
-    for (int i = 0; i < 4; ++i)
-      acc[h][i] = v.t0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(v.out + h * v.D + i * 8);
-  for_each_row(v.a, v.t0, v.t1, [&](int64_t t, int64_t off) {
+    for (int i = 0; i < 4; ++i) acc[h][i] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + h * D + i * 8);
+  for (int64_t s = 0; s < n; ++s, v += stride) {
     __m256 p[H];
-    for (int h = 0; h < H; ++h) p[h] = _mm256_set1_ps(v.probs[h * v.len + t]);
-    const float* row = v.vc + off + v.col;
+    for (int h = 0; h < H; ++h) p[h] = _mm256_set1_ps(probs[h * len + s]);
     for (int i = 0; i < 4; ++i) {
-      const __m256 x = _mm256_loadu_ps(row + i * 8);
+      const __m256 x = _mm256_loadu_ps(v + i * 8);
       for (int h = 0; h < H; ++h) acc[h][i] = _mm256_fmadd_ps(p[h], x, acc[h][i]);
     }
-  });
+  }
   for (int h = 0; h < H; ++h)
-    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(v.out + h * v.D + i * 8, acc[h][i]);
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + h * D + i * 8, acc[h][i]);
 }
 
 constexpr int64_t kValueChunk = 128;  // tokens per V chunk: 96 KB of rows at 3 kv heads of 64 dims
@@ -142,8 +131,11 @@ void decode_f32_avx2(const float* q, const float* kc, const float* vc, const Dec
     for (int64_t h = 0; h < nkv; ++h)
       for_each_head_pass(G, [&](auto H, int64_t g) {
         for (int64_t j = 0; j < D; j += 32)
-          value_pass<decltype(H)::value>(
-              {a, t0, t1, sc + (h * G + g) * len, len, vc, h * D + j, out + (h * G + g) * D + j, D});
+          for_each_page(a, t0, t1, [&](int64_t t, int64_t n, int64_t block, int64_t s0) {
+            const float* v = vc + ((block * a.bs + s0) * a.hkv + a.kvh + h) * D + j;
+            value_rows<decltype(H)::value>(v, a.hkv * D, n, sc + (h * G + g) * len + t, len,
+                                           out + (h * G + g) * D + j, D, t == 0);
+          });
       });
   }
 }
@@ -179,26 +171,6 @@ inline void key_scores(const float* kp, int64_t bs, const float* q, int64_t D, _
       _mm256_storeu_ps(s + h * 16 + i * 8, _mm256_mul_ps(_mm256_add_ps(e[h][i], o[h][i]), scale));
 }
 
-// H query heads' outputs for 32 dims over n rows of a V page (v: the rows' first dim, rows `stride` apart), from
-// `out` (zero at the first page): 4H accumulators, each V vector loaded once for the H heads.
-template <int H>
-inline void value_rows(const float* v, int64_t stride, int64_t n, const float* probs, int64_t len, float* out,
-                       int64_t D, bool first) {
-  __m256 acc[H][4];
-  for (int h = 0; h < H; ++h)
-    for (int i = 0; i < 4; ++i) acc[h][i] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + h * D + i * 8);
-  for (int64_t s = 0; s < n; ++s, v += stride) {
-    __m256 p[H];
-    for (int h = 0; h < H; ++h) p[h] = _mm256_set1_ps(probs[h * len + s]);
-    for (int i = 0; i < 4; ++i) {
-      const __m256 x = _mm256_loadu_ps(v + i * 8);
-      for (int h = 0; h < H; ++h) acc[h][i] = _mm256_fmadd_ps(p[h], x, acc[h][i]);
-    }
-  }
-  for (int h = 0; h < H; ++h)
-    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + h * D + i * 8, acc[h][i]);
-}
-
 // kv heads [a.kvh, a.kvh + nkv) of one request over packed pages; NV = head_dim / 8.
 template <int NV>
 void decode_f32_packed(const float* q, const float* kc, const float* vc, const DecodeArgs& a, int64_t nkv,
@@ -208,10 +180,9 @@ void decode_f32_packed(const float* q, const float* kc, const float* vc, const D
   float* sc = scores.data();
   float* tile = sc + nkv * G * len;  // [3][16] scores of one key_scores call
   const __m256 scale = _mm256_set1_ps(a.scale);
-  for (int64_t blk = 0, t0 = 0; t0 < len; ++blk, t0 += bs) {
-    const int64_t n = std::min(bs, len - t0);
+  for_each_page(a, 0, len, [&](int64_t t0, int64_t n, int64_t block, int64_t) {
     for (int64_t h = 0; h < nkv; ++h) {
-      const float* kp = head_page(kc, a.table[blk], a.kvh + h, a.hkv, bs, D);
+      const float* kp = head_page(kc, block, a.kvh + h, a.hkv, bs, D);
       for_each_head_pass(G, [&](auto H, int64_t g) {
         for (int64_t c = 0; c < n; c += 16) {  // (the lanes past n: stale slots, not copied)
           key_scores<decltype(H)::value>(kp + c, bs, q + (h * G + g) * D, D, scale, tile);
@@ -221,19 +192,18 @@ void decode_f32_packed(const float* q, const float* kc, const float* vc, const D
         }
       });
     }
-  }
+  });
   softmax_rows_avx2(sc, nkv * G, len);
-  for (int64_t blk = 0, t0 = 0; t0 < len; ++blk, t0 += bs) {
-    const int64_t n = std::min(bs, len - t0);
+  for_each_page(a, 0, len, [&](int64_t t0, int64_t n, int64_t block, int64_t) {
     for (int64_t h = 0; h < nkv; ++h) {
-      const float* vp = head_page(vc, a.table[blk], a.kvh + h, a.hkv, bs, D);
+      const float* vp = head_page(vc, block, a.kvh + h, a.hkv, bs, D);
       for_each_head_pass(G, [&](auto H, int64_t g) {
         for (int64_t j = 0; j < D; j += 32)
           value_rows<decltype(H)::value>(vp + j, D, n, sc + (h * G + g) * len + t0, len, out + (h * G + g) * D + j,
                                          D, t0 == 0);
       });
     }
-  }
+  });
 }
 
 }  // namespace nanoflow_decode
