@@ -123,8 +123,8 @@ void decode_f32_avx2(const float* q, const float* kc, const float* vc, const Dec
   softmax_rows_avx2(sc, R, len);
   // V, a chunk of kValueChunk tokens at a time (its rows stay in L2 while every pass goes over them; a long
   // context's V did not fit, and each pass re-read it from DRAM), in passes of up to 3 query heads of a kv head x
-  // 32 dims (value_pass), kept in `out` between chunks. Each output sums over t in order, chunk after chunk. The
-  // next chunk's rows are prefetched into L2 meanwhile.
+  // 32 dims (value_rows, a page at a time), kept in `out` between pages. Each output sums over t in order, page
+  // after page. The next chunk's rows are prefetched into L2 meanwhile.
   for (int64_t t0 = 0; t0 < len; t0 += kValueChunk) {
     const int64_t t1 = std::min(len, t0 + kValueChunk);
     for_each_row(a, t1, std::min(len, t1 + kValueChunk), prefetch_v);
