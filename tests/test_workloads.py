@@ -82,6 +82,31 @@ def test_report_outputs(tmp_path, capsys):
     assert (tmp_path / "sub" / "r.json").read_text().startswith("{")
 
 
+def test_report_rounds(capsys):
+    """`--repeats`: each round's peer row is compared with ours of the same round; the median of the ratios."""
+    from nanoflow.bench.report import print_rounds
+    reqs = [BenchRequest([101, 102], 3)]
+    rows = [{"system": "ours", "round": k, **throughput_metrics(reqs, ours)} for k, ours in ((1, 1.0), (2, 2.0), (3, 1.0))]
+    for k, (row, peer) in enumerate(zip(list(rows), (1.5, 2.0, 1.2)), 1):
+        rows.insert(rows.index(row) + 1, {"system": "peer", "round": k, **throughput_metrics(reqs, peer)})
+    print_summary(rows, "smoke")
+    print_rounds(rows)
+    out = capsys.readouterr().out
+    assert "ours #2" in out and "peer #3" in out and out.count("1.00x") == 5  # ours x 3, round 2 (2.0 s each), the median line
+    assert "ours ÷ peer: median 1.20x over 3 interleaved rounds (1.50x, 1.00x, 1.20x)" in out
+
+
+def test_repeats_takes_one_configuration():
+    import argparse
+    from nanoflow.bench.offline import _check_repeats
+    ok = dict(repeats=3, more_executors=[], tp_sizes=[1], compare_async=False, profile=False)
+    _check_repeats(argparse.Namespace(**ok))
+    for bad, match in (({"profile": True}, "one configuration"), ({"more_executors": ["overlap"]}, "executor"),
+                       ({"repeats": 0}, "at least 1")):
+        with pytest.raises(ValueError, match=match):
+            _check_repeats(argparse.Namespace(**{**ok, **bad}))
+
+
 @pytest.mark.slow
 def test_hf_baseline_smoke(default_gguf):
     from nanoflow.bench.hf_baseline import run_hf

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import time
 from dataclasses import asdict
@@ -33,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vllm-venv", default=None,
                    help="vLLM's virtualenv (default: $NANOFLOW_VLLM_VENV, else .venv-vllm at the repo root)")
     g.add_argument("--llamacpp-parallel", type=int, default=64)
+    g.add_argument("--repeats", type=int, default=1,
+                   help="rounds of ours then the peers, interleaved (ours on a fresh engine each round): a slow "
+                        "phase of a shared machine then hits both sides; prints each round's ratio and the median")
     g.add_argument("--peak-seconds", type=float, default=1.0, help="GEMM peak measurement time")
     g.add_argument("--json", default=None, help="write results to this file")
     g.add_argument("--profile", action="store_true",
@@ -65,6 +69,31 @@ def run_ours(llm, requests: list[BenchRequest], profile: bool = False) -> dict:
         row["note"] = (f"{tp.world_size} ranks: all-reduces {ar:.1f} ms of {row['device_ms']:.1f} ms per step "
                        f"({tp.all_reduce_calls} calls, rank 0's wall time incl. waiting for the others)")
     return row
+
+
+def run_rounds(args, requests: list[BenchRequest], first: list[dict]) -> list[dict]:
+    """`--repeats`: round 1 is `first` (ours, then the peers); each further round runs ours on a fresh engine
+    (the last round's prompts would hit its prefix cache), then the peers. Every row is marked with its round."""
+    from nanoflow import LLM
+    from nanoflow.config import engine_config_from_args
+    rows = [dict(r, round=1) for r in first] if args.repeats > 1 else first
+    for k in range(2, args.repeats + 1):
+        cfg = asdict(engine_config_from_args(args))
+        llm = LLM(cfg.pop("model"), **cfg)
+        ours = {"system": _ours_label(args, llm.engine.config.async_scheduling), **run_ours(llm, requests)}
+        rows += [dict(r, round=k) for r in (ours, *run_peers(args, llm, requests))]
+        llm.engine.shutdown()
+        del llm
+        gc.collect()
+    return rows
+
+
+def _check_repeats(args) -> None:
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.repeats > 1 and (args.more_executors or len(args.tp_sizes) > 1 or args.compare_async or args.profile):
+        raise ValueError("--repeats runs one configuration of ours: no executor or TP lists, --compare-async, "
+                         "--profile")
 
 
 def run_async_off(args, requests: list[BenchRequest]) -> dict:
@@ -199,10 +228,11 @@ def run(args: argparse.Namespace) -> int:
         from nanoflow.bench.multiturn import run_multiturn
         return run_multiturn(args)
     from nanoflow import LLM
-    from nanoflow.bench.report import print_step_breakdown, print_summary, write_json
+    from nanoflow.bench.report import print_rounds, print_step_breakdown, print_summary, write_json
     from nanoflow.config import engine_config_from_args
     args.executor, *args.more_executors = [k.strip() for k in args.executor.split(",") if k.strip()] or ["sequential"]
     args.tp_sizes = [int(x) for x in str(args.tensor_parallel_size).split(",") if x.strip()] or [1]
+    _check_repeats(args)
     cfg = asdict(engine_config_from_args(args))
     args.dtype = cfg["dtype"]  # "auto" resolved for this hardware: the rows, the labels and the JSON say which
     llm = LLM(cfg.pop("model"), **cfg)
@@ -222,13 +252,20 @@ def run(args: argparse.Namespace) -> int:
         rows.append(run_async_off(args, requests))
         print_step_breakdown(rows)
     rows += run_peers(args, llm, requests)
+    dense_batch = llm.engine.config.dense_batch
+    if args.repeats > 1:  # (the next rounds' engines need its memory)
+        llm.engine.shutdown()
+        del llm
+        gc.collect()
+    rows = run_rounds(args, requests, rows)
     for r in rows:
         if r.get("total_tokens_per_s"):  # a peer that could not run has a note instead of a throughput
             r["pct_of_optimal"] = 100.0 * r["total_tokens_per_s"] / best
     print_summary(rows, f"{args.workload}, {len(requests)} requests, optimum {best:.0f} tok/s "
                         f"(measured GEMM peak {peak / 1e9:.0f} GFLOP/s)")
+    print_rounds(rows)
     if args.json:
         write_json(args.json, {"workload": args.workload, "num_requests": len(requests), "dtype": args.dtype,
-                               "device": device, "dense_batch": llm.engine.config.dense_batch, "peak_flops": peak,
+                               "device": device, "dense_batch": dense_batch, "peak_flops": peak,
                                "optimal_tokens_per_s": best, "results": rows})
     return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from typing import Any
 
 from rich.console import Console
@@ -29,23 +30,50 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 def print_summary(rows: list[dict], title: str, console: Console | None = None) -> None:
     """Print a table of throughput rows; the first row is ours, and the last column is
     ours' total tok/s divided by that row's (so 2.00x means ours is twice as fast). A row may lack the
-    throughput keys (a peer that could not run: "-" cells); each row's "note" is printed under the table."""
+    throughput keys (a peer that could not run: "-" cells); each row's "note" is printed under the table.
+    Rows with a "round" (`--repeats`) are compared with ours of their round, the round's first row."""
     table = Table(title=title)
     table.add_column("system", style="bold")
     for header, _, _ in _COLUMNS:
         table.add_column(header, justify="right")
     table.add_column("ours ÷ this", justify="right")
-    ours = rows[0].get("total_tokens_per_s") if rows else None
+    ours = _ours_by_round(rows)
     for row in rows:
-        mine = row.get("total_tokens_per_s")
-        ratio = f"{ours / mine:.2f}x" if ours and mine else "-"
-        table.add_row(str(row.get("system", "?")), *(_cell(row, k, f) for _, k, f in _COLUMNS), ratio)
+        mine, theirs = row.get("total_tokens_per_s"), ours[row.get("round")].get("total_tokens_per_s")
+        ratio = f"{theirs / mine:.2f}x" if theirs and mine else "-"
+        name = str(row.get("system", "?")) + (f" #{row['round']}" if "round" in row else "")
+        table.add_row(name, *(_cell(row, k, f) for _, k, f in _COLUMNS), ratio)
     if console is None:  # pipes and CI logs default to 80 columns, which would elide the numbers
         console = Console(width=max(Console().width, 150))
     console.print(table)
     for row in rows:
         if row.get("note"):
             console.print(f"{row.get('system', '?')}: {row['note']}", markup=False, highlight=False)
+
+
+def _ours_by_round(rows: list[dict]) -> dict:
+    """Round (None: no rounds) -> ours' row: the first row of each round."""
+    ours: dict = {}
+    for row in rows:
+        ours.setdefault(row.get("round"), row)
+    return ours
+
+
+def print_rounds(rows: list[dict]) -> None:
+    """`--repeats`: per peer, ours ÷ it in each round and the median of those ratios."""
+    ours = _ours_by_round(rows)
+    if len(ours) < 2:
+        return
+    ratios: dict[str, list[float]] = {}
+    for row in rows:
+        mine, theirs = row.get("total_tokens_per_s"), ours[row.get("round")].get("total_tokens_per_s")
+        if mine and theirs and row is not ours[row.get("round")]:
+            ratios.setdefault(str(row.get("system", "?")), []).append(theirs / mine)
+    console = Console(width=max(Console().width, 150))
+    for name, rs in ratios.items():
+        each = ", ".join(f"{r:.2f}x" for r in rs)
+        console.print(f"ours ÷ {name}: median {statistics.median(rs):.2f}x over {len(rs)} interleaved rounds ({each})",
+                      markup=False, highlight=False)
 
 
 def print_breakdown(rows: list[tuple[str, float, float]], title: str) -> None:
