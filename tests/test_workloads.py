@@ -86,13 +86,15 @@ def test_report_rounds(capsys):
     """`--repeats`: each round's peer row is compared with ours of the same round; the median of the ratios."""
     from nanoflow.bench.report import print_rounds
     reqs = [BenchRequest([101, 102], 3)]
-    rows = [{"system": "ours", "round": k, **throughput_metrics(reqs, ours)} for k, ours in ((1, 1.0), (2, 2.0), (3, 1.0))]
+    rows = [{"system": "ours", "round": k, **throughput_metrics(reqs, ours)}
+            for k, ours in ((1, 1.0), (2, 2.0), (3, 1.0))]
     for k, (row, peer) in enumerate(zip(list(rows), (1.5, 2.0, 1.2)), 1):
         rows.insert(rows.index(row) + 1, {"system": "peer", "round": k, **throughput_metrics(reqs, peer)})
     print_summary(rows, "smoke")
     print_rounds(rows)
     out = capsys.readouterr().out
-    assert "ours #2" in out and "peer #3" in out and out.count("1.00x") == 5  # ours x 3, round 2 (2.0 s each), the median line
+    # "1.00x": ours x 3, round 2's peer (2.0 s each), the median line's round 2
+    assert "ours #2" in out and "peer #3" in out and out.count("1.00x") == 5
     assert "ours ÷ peer: median 1.20x over 3 interleaved rounds (1.50x, 1.00x, 1.20x)" in out
 
 

@@ -71,15 +71,20 @@ def run_ours(llm, requests: list[BenchRequest], profile: bool = False) -> dict:
     return row
 
 
+def _engine(args, **overrides):
+    """A fresh LLM of the command's engine arguments, with `overrides` of EngineConfig fields."""
+    from nanoflow import LLM
+    from nanoflow.config import engine_config_from_args
+    cfg = {**asdict(engine_config_from_args(args)), **overrides}
+    return LLM(cfg.pop("model"), **cfg)
+
+
 def run_rounds(args, requests: list[BenchRequest], first: list[dict]) -> list[dict]:
     """`--repeats`: round 1 is `first` (ours, then the peers); each further round runs ours on a fresh engine
     (the last round's prompts would hit its prefix cache), then the peers. Every row is marked with its round."""
-    from nanoflow import LLM
-    from nanoflow.config import engine_config_from_args
     rows = [dict(r, round=1) for r in first] if args.repeats > 1 else first
     for k in range(2, args.repeats + 1):
-        cfg = asdict(engine_config_from_args(args))
-        llm = LLM(cfg.pop("model"), **cfg)
+        llm = _engine(args)
         ours = {"system": _ours_label(args, llm.engine.config.async_scheduling), **run_ours(llm, requests)}
         rows += [dict(r, round=k) for r in (ours, *run_peers(args, llm, requests))]
         llm.engine.shutdown()
@@ -98,12 +103,9 @@ def _check_repeats(args) -> None:
 
 def run_async_off(args, requests: list[BenchRequest]) -> dict:
     """Ours again with the async-scheduling switch flipped (a second engine, same workload)."""
-    from nanoflow import LLM
     from nanoflow.config import engine_config_from_args
-    cfg = asdict(engine_config_from_args(args))
-    cfg["async_scheduling"] = not cfg["async_scheduling"]
-    llm = LLM(cfg.pop("model"), **cfg)
-    return {"system": _ours_label(args, cfg["async_scheduling"]), **run_ours(llm, requests)}
+    llm = _engine(args, async_scheduling=not engine_config_from_args(args).async_scheduling)
+    return {"system": _ours_label(args, llm.engine.config.async_scheduling), **run_ours(llm, requests)}
 
 
 def _ours_label(args, async_on: bool, tp: int | None = None) -> str:
@@ -116,13 +118,9 @@ def _ours_label(args, async_on: bool, tp: int | None = None) -> str:
 
 def run_tp_sizes(args, requests: list[BenchRequest]) -> list[dict]:
     """Ours again per further size of `--tensor-parallel-size a,b` (a fresh engine each, the same requests)."""
-    from nanoflow import LLM
-    from nanoflow.config import engine_config_from_args
     rows = []
     for tp in args.tp_sizes[1:]:
-        cfg = asdict(engine_config_from_args(args))
-        cfg["tensor_parallel_size"] = tp
-        llm = LLM(cfg.pop("model"), **cfg)
+        llm = _engine(args, tensor_parallel_size=tp)
         rows.append({"system": _ours_label(args, llm.engine.config.async_scheduling, tp), **run_ours(llm, requests)})
         llm.engine.shutdown()
         del llm
@@ -132,13 +130,9 @@ def run_tp_sizes(args, requests: list[BenchRequest]) -> list[dict]:
 def run_executors(args, requests: list[BenchRequest]) -> list[dict]:
     """Ours again per further executor of `--executor a,b,c` (the paper's ablation): a fresh engine each (no
     prefix-cache carry-over), the same requests."""
-    from nanoflow import LLM
-    from nanoflow.config import engine_config_from_args
     rows = []
     for kind in args.more_executors:
-        cfg = asdict(engine_config_from_args(args))
-        cfg["executor"] = kind
-        llm = LLM(cfg.pop("model"), **cfg)
+        llm = _engine(args, executor=kind)
         rows.append({"system": _ours_label(args, llm.engine.config.async_scheduling).replace(
             f", {args.executor}", f", {kind}"), **run_ours(llm, requests)})
         llm.engine.runner.executor.close()

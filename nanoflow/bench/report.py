@@ -39,16 +39,20 @@ def print_summary(rows: list[dict], title: str, console: Console | None = None) 
     table.add_column("ours ÷ this", justify="right")
     ours = _ours_by_round(rows)
     for row in rows:
-        mine, theirs = row.get("total_tokens_per_s"), ours[row.get("round")].get("total_tokens_per_s")
-        ratio = f"{theirs / mine:.2f}x" if theirs and mine else "-"
+        ratio = _ratio(row, ours)
+        ratio = "-" if ratio is None else f"{ratio:.2f}x"
         name = str(row.get("system", "?")) + (f" #{row['round']}" if "round" in row else "")
         table.add_row(name, *(_cell(row, k, f) for _, k, f in _COLUMNS), ratio)
     if console is None:  # pipes and CI logs default to 80 columns, which would elide the numbers
-        console = Console(width=max(Console().width, 150))
+        console = _wide_console()
     console.print(table)
     for row in rows:
         if row.get("note"):
             console.print(f"{row.get('system', '?')}: {row['note']}", markup=False, highlight=False)
+
+
+def _wide_console() -> Console:
+    return Console(width=max(Console().width, 150))
 
 
 def _ours_by_round(rows: list[dict]) -> dict:
@@ -59,6 +63,12 @@ def _ours_by_round(rows: list[dict]) -> dict:
     return ours
 
 
+def _ratio(row: dict, ours: dict) -> float | None:
+    """Ours' total tok/s over this row's, ours of the row's round (None: either has no throughput)."""
+    mine, theirs = row.get("total_tokens_per_s"), ours[row.get("round")].get("total_tokens_per_s")
+    return theirs / mine if theirs and mine else None
+
+
 def print_rounds(rows: list[dict]) -> None:
     """`--repeats`: per peer, ours ÷ it in each round and the median of those ratios."""
     ours = _ours_by_round(rows)
@@ -66,10 +76,9 @@ def print_rounds(rows: list[dict]) -> None:
         return
     ratios: dict[str, list[float]] = {}
     for row in rows:
-        mine, theirs = row.get("total_tokens_per_s"), ours[row.get("round")].get("total_tokens_per_s")
-        if mine and theirs and row is not ours[row.get("round")]:
-            ratios.setdefault(str(row.get("system", "?")), []).append(theirs / mine)
-    console = Console(width=max(Console().width, 150))
+        if (ratio := _ratio(row, ours)) is not None and row is not ours[row.get("round")]:
+            ratios.setdefault(str(row.get("system", "?")), []).append(ratio)
+    console = _wide_console()
     for name, rs in ratios.items():
         each = ", ".join(f"{r:.2f}x" for r in rs)
         console.print(f"ours ÷ {name}: median {statistics.median(rs):.2f}x over {len(rs)} interleaved rounds ({each})",
@@ -83,7 +92,7 @@ def print_breakdown(rows: list[tuple[str, float, float]], title: str) -> None:
         table.add_column(header, justify="left" if header == "part" else "right")
     for name, secs, pct in rows:
         table.add_row(name, f"{secs:.2f}", f"{pct:.1f}%")
-    Console(width=max(Console().width, 150)).print(table)
+    _wide_console().print(table)
 
 
 def print_step_breakdown(rows: list[dict]) -> None:
@@ -98,7 +107,7 @@ def print_step_breakdown(rows: list[dict]) -> None:
         table.add_column(header, justify="right")
     for row in rows:
         table.add_row(str(row.get("system", "?")), *(_cell(row, k, f) for _, k, f in cols))
-    Console(width=max(Console().width, 150)).print(table)
+    _wide_console().print(table)
 
 
 def write_json(path: str, payload: Any) -> None:
