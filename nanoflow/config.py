@@ -74,7 +74,7 @@ class EngineConfig:
     cpp_gemm: bool = True  # those GEMMs in the C++ panel kernels (csrc/gemm_bf16.cpp, gemm_f32.cpp); off: oneDNN's
     # for bf16, F.linear for float32
     fused_greedy_head: bool = True  # CPU: plain greedy steps take tokens from the LM head GEMM's running argmax
-    cpp_decode_stack: bool = True  # CPU: an all-decode step's layers in one C++ call (flow/cpp_stack.py)
+    cpp_layer_stack: bool = True  # CPU: a step's layers in one C++ call (decode rows, short prefills; cpp_stack.py)
     batch_invariant: bool = False  # greedy output independent of batch-mates (kernels/batch_invariant.py; CPU)
     paged_prefill: bool = True  # CPU: prefill attention of short contexts through the paged C++ kernel, one call
     packed_kv_cache: bool = True  # CPU bf16 and float32: KV pages laid out for the C++ kernel (attention.py)
@@ -172,9 +172,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-fused-greedy-head", dest="fused_greedy_head", action="store_false",
                    help="CPU (C++ panel GEMM): compute the logits and then their argmax for plain greedy steps instead "
                         "of one LM-head kernel that keeps a running argmax (ablation; the tokens are the same)")
-    g.add_argument("--no-cpp-decode-stack", dest="cpp_decode_stack", action="store_false",
-                   help="CPU: run an all-decode step's layers from Python op by op instead of one C++ call of the "
-                        "same kernels (ablation; the tokens are the same)")
+    g.add_argument("--no-cpp-layer-stack", dest="cpp_layer_stack", action="store_false",
+                   help="CPU: run a step's layers from Python op by op instead of one C++ call of the same kernels "
+                        "(steps of decode rows and prefill chunks up to 1024 tokens of context; ablation, the "
+                        "tokens are the same)")
     g.add_argument("--no-paged-prefill", dest="paged_prefill", action="store_false",
                    help="CPU: prefill attention with SDPA per chunk instead of the paged C++ kernel, one call per "
                         "step, for contexts up to 1024 tokens (ablation)")

@@ -1,18 +1,18 @@
-"""CPU fast paths that must not change results: all-decode steps in one C++ call (flow/cpp_stack.py), the same
-hidden states as the Python forward bit for bit (and the Python forward for every step or model it does not
+"""CPU fast paths that must not change results: steps of decode rows and short prefill chunks in one C++ call
+(flow/cpp_stack.py), the same hidden states as the Python forward bit for bit (and the Python forward for every step or model it does not
 fit); greedy tokens straight from the LM-head kernel, the same as logits then argmax."""
 import pytest
 import torch
 
 from nanoflow import LLM, SamplingParams
-from nanoflow.flow.cpp_stack import CppDecodeStack, stack_tensors
+from nanoflow.flow.cpp_stack import CppLayerStack, stack_tensors
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4, 5,", "Once upon a time,"]
 
 
 def _stack_llm(dtype: str, **kwargs) -> LLM:
     llm = LLM("default", dtype=dtype, **kwargs)
-    if not isinstance(llm.engine.runner.executor, CppDecodeStack) or stack_tensors(llm.engine.runner.model) is None:
+    if not isinstance(llm.engine.runner.executor, CppLayerStack) or stack_tensors(llm.engine.runner.model) is None:
         pytest.skip(f"no C++ panel GEMM for {dtype} here (bf16: AVX512-BF16; float32: AVX2 without AVX-512), "
                     "so no stack")
     return llm
@@ -42,12 +42,33 @@ def _decode_step(llm, n_steps: int = 3):
     return eng.runner.prepare(batch)
 
 
-def test_stack_equals_python_forward_bit_for_bit(stack_llm):
-    """bf16 (packed KV pages, written by the attention kernel) and float32 (KV rows, written by index_copy_)."""
+def _mixed_step(llm):
+    """Inputs of a step mixing decode rows and prefill chunks (two new prompts, one with a cached prefix)."""
+    eng = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    for i, p in enumerate(PROMPTS[:2]):
+        eng.add_request(f"m{i}", llm.tokenizer.encode(p * 5), params)
+    eng.step()
+    eng.step()
+    eng.add_request("m2", llm.tokenizer.encode(PROMPTS[2] * 3), params)
+    eng.add_request("m3", llm.tokenizer.encode(PROMPTS[0] * 5 + " and"), params)  # (a prefix of m0's prompt)
+    batch = eng.scheduler.schedule()
+    assert batch.decodes and len(batch.prefills) == 2
+    return eng.runner.prepare(batch)
+
+
+@pytest.mark.parametrize("step", [_decode_step, _mixed_step])
+@pytest.mark.parametrize("kv_packed", [True, False])
+def test_stack_equals_python_forward_bit_for_bit(stack_llm, step, kv_packed):
+    """Packed KV pages (written by the attention kernel in all-decode steps, before it otherwise) and rows
+    (written by index_copy_)."""
+    if not kv_packed:
+        stack_llm = _stack_llm(stack_llm.engine.config.dtype, packed_kv_cache=False)
     runner = stack_llm.engine.runner
-    inp = _decode_step(stack_llm)
+    inp = step(stack_llm)
+    assert inp.meta.kv_packed == kv_packed
     stack, plain = runner.executor, runner.executor.executor
-    assert stack._takes(inp.input_ids, inp.meta) and stack._stack_tensors() is not None  # the C++ call runs
+    assert stack._rows(inp.input_ids, inp.meta) is not None and stack._stack_tensors() is not None  # C++ runs
     # (each call writes the step's K/V to the same slots with the same values: the calls do not disturb each other)
     fast = stack(inp.input_ids, inp.positions, inp.meta, runner.kv_caches).clone()
     slow = plain(inp.input_ids, inp.positions, inp.meta, runner.kv_caches)
@@ -57,8 +78,8 @@ def test_stack_equals_python_forward_bit_for_bit(stack_llm):
 def test_same_tokens_and_logprobs_with_and_without(stack_llm):
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
     on = stack_llm.generate(PROMPTS, params, use_tqdm=False)
-    off = LLM("default", dtype=stack_llm.engine.config.dtype, cpp_decode_stack=False)
-    assert not isinstance(off.engine.runner.executor, CppDecodeStack)
+    off = LLM("default", dtype=stack_llm.engine.config.dtype, cpp_layer_stack=False)
+    assert not isinstance(off.engine.runner.executor, CppLayerStack)
     off_outs = off.generate(PROMPTS, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in on] == [o.outputs[0].token_ids for o in off_outs]
     assert [o.outputs[0].logprobs for o in on] == [o.outputs[0].logprobs for o in off_outs]
@@ -71,7 +92,7 @@ def test_models_and_steps_it_does_not_fit():
     onednn = LLM("default", dtype="bfloat16", cpp_gemm=False)
     assert stack_tensors(onednn.engine.runner.model) is None
     nano = LLM("default", dtype="bfloat16", executor="nanobatch")
-    assert not isinstance(nano.engine.runner.executor, CppDecodeStack)
+    assert not isinstance(nano.engine.runner.executor, CppLayerStack)
 
 
 def test_trace_of_the_sequential_executor_still_records_every_operation(tmp_path):

@@ -98,7 +98,7 @@ class ModelRunner:
         self.fused_greedy_head = config.fused_greedy_head  # plain greedy steps: LM head + argmax in one kernel
         # How each step's layers run (nanoflow/flow): called like the model, returns the final hidden states.
         self.executor = make_executor(config.executor, config.plan, self.model, self.device, config.dense_batch,
-                                      config.cpp_kernels and config.cpp_decode_stack)
+                                      config.cpp_kernels and config.cpp_layer_stack)
         shape = (2, num_blocks, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
         self.kv_caches = [host_memory.zeros(shape, self.dtype) if self.device.type == "cpu"
                           else torch.zeros(shape, dtype=self.dtype, device=self.device)

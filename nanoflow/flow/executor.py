@@ -128,7 +128,7 @@ class Executor:
 
 class ExecutorWrapper:
     """Base of the wrappers that change how some steps run (CUDA graphs: `cuda_graphs.GraphedStep`; the CPU
-    decode stack: `cpp_stack.CppDecodeStack`): called like the executor; attribute reads (plan, close, ...) and
+    layer stack: `cpp_stack.CppLayerStack`): called like the executor; attribute reads (plan, close, ...) and
     the trace settings go through to the wrapped one."""
 
     def __init__(self, executor) -> None:
@@ -214,10 +214,10 @@ def resolve_plan(plan, kind: str, model, dense_batch: int, device) -> Plan:
     return nanobatch_plan(dense_batch, tp_size=tp) if kind == "nanobatch" else overlap_plan(dense_batch, tp_size=tp)
 
 
-def make_executor(kind: str, plan, model, device=None, dense_batch: int = 256, cpp_decode_stack: bool = False):
+def make_executor(kind: str, plan, model, device=None, dense_batch: int = 256, cpp_layer_stack: bool = False):
     """`kind` in EXECUTORS; `plan` a Plan, a JSON path or None (the executor's default plan).
-    nanobatch with an overlap plan runs that plan's splits and issue order on one unit. `cpp_decode_stack`
-    (CPU, sequential): all-decode steps in one C++ call where the model fits it (flow/cpp_stack.py)."""
+    nanobatch with an overlap plan runs that plan's splits and issue order on one unit. `cpp_layer_stack`
+    (CPU, sequential): steps of decode rows and short prefills in one C++ call where the model fits it (flow/cpp_stack.py)."""
     if kind not in EXECUTORS:
         raise ValueError(f"unknown executor {kind!r}: choose one of {', '.join(EXECUTORS)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -227,7 +227,7 @@ def make_executor(kind: str, plan, model, device=None, dense_batch: int = 256, c
     if device.type == "cuda" and model.tp_size == 1 and env.cuda_graphs():
         from nanoflow.flow.cuda_graphs import GraphedStep  # the whole step as one CUDA graph per step shape
         return GraphedStep(ex)
-    if device.type == "cpu" and kind == "sequential" and cpp_decode_stack:
-        from nanoflow.flow.cpp_stack import CppDecodeStack
-        return CppDecodeStack(ex)
+    if device.type == "cpu" and kind == "sequential" and cpp_layer_stack:
+        from nanoflow.flow.cpp_stack import CppLayerStack
+        return CppLayerStack(ex)
     return ex

@@ -134,6 +134,27 @@ def _rows_inputs(chunks: list[PrefillChunk]):
     return rows, torch.cat(tables), torch.cat(lens)
 
 
+def step_rows_inputs(meta: AttentionMetadata, num_tokens: int):
+    """(block tables, context lengths) of every row of a step as one paged query - the decode rows, then the
+    prefill rows (attend_prefill_rows' inputs) - or None when a prefill chunk's context is past
+    PAGED_PREFILL_MAX_CONTEXT or the chunks do not follow the decode rows one after another."""
+    nd, chunks = meta.num_decode, meta.prefills
+    if not chunks:
+        return meta.decode_block_tables, meta.decode_context_lens
+    if any(p.ctx_len > PAGED_PREFILL_MAX_CONTEXT for p in chunks) or chunks[0].q_start != nd \
+            or chunks[-1].q_start + chunks[-1].q_len != num_tokens:
+        return None
+    rows, tables, lens = _rows_inputs(chunks)
+    if not isinstance(rows, slice):
+        return None
+    if nd:
+        width = max(tables.shape[1], meta.decode_block_tables.shape[1])
+        pad = lambda t: F.pad(t, (0, width - t.shape[1]))  # (the kernel reads only len's pages)
+        tables = torch.cat([pad(meta.decode_block_tables.to(tables.dtype)), pad(tables)])
+        lens = torch.cat([meta.decode_context_lens.to(lens.dtype), lens])
+    return tables, lens
+
+
 def rows_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                    context_lens: torch.Tensor, scale: float, kv_packed: bool = False) -> torch.Tensor:
     """q [n, Hq, D], one query per row over context_lens[i] cached tokens of block_tables[i]."""

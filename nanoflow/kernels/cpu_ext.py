@@ -19,7 +19,7 @@ from nanoflow import env, profiling
 log = logging.getLogger(__name__)
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _SOURCES = [os.path.join(_CSRC, f) for f in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp", "gemm_bf16.cpp",
-                                                   "gemm_f32.cpp", "decode_stack.cpp")]
+                                                   "gemm_f32.cpp", "layer_stack.cpp")]
 # (in the build key: a header change is a new build)
 _HEADERS = [os.path.join(_CSRC, f) for f in ("vec.h", "claimed_runs.h", "gemm_tiles.h", "decode_common.h",
                                                    "decode_bf16.h", "decode_f32.h")]

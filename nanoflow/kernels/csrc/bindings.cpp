@@ -19,10 +19,11 @@ torch::Tensor gemm_f32(torch::Tensor x, torch::Tensor w_packed, int64_t N, c10::
                        c10::optional<torch::Tensor> out, bool glu);
 torch::Tensor gemm_f32_argmax(torch::Tensor x, torch::Tensor w_packed, int64_t N);
 void write_kv_packed(torch::Tensor kv_cache, torch::Tensor k, torch::Tensor v, torch::Tensor slot_mapping);
-std::vector<torch::Tensor> decode_stack(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin,
+std::vector<torch::Tensor> layer_stack(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin,
                                         torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor lens,
                                         std::vector<torch::Tensor> layers, std::vector<torch::Tensor> kv_caches,
-                                        std::vector<int64_t> dims, double scale, double eps, bool kv_packed);
+                                        std::vector<int64_t> dims, double scale, double eps, bool kv_packed,
+                                        bool fuse_kv_write);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while a kernel runs (tensors only, no Python objects): with async scheduling the
@@ -41,7 +42,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_bf16", &gemm_bf16, "x W^T (+ b) against weights packed in 64-column panels", py::arg("x"),
         py::arg("w_packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("out") = py::none(),
         py::arg("glu") = false, nogil());
-  m.def("decode_stack", &decode_stack, "a decode step's layer stack (flow/cpp_stack.py)", nogil());
+  m.def("layer_stack", &layer_stack, "a step's layer stack (flow/cpp_stack.py)", nogil());
   m.def("gemm_bf16_argmax", &gemm_bf16_argmax, "row-wise argmax of x W^T (bf16-rounded) against 64-column panels",
         nogil());
   m.def("gemm_f32_supported", &gemm_f32_supported, "whether gemm_f32 is built (AVX2+FMA, no AVX-512)");

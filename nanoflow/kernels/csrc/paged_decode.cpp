@@ -105,7 +105,7 @@ bool packed_kv_supported(int64_t head_dim, int64_t block_size, int64_t group, in
 }
 
 // new_kv: this step's K and V rows ([B, Hkv, D] each, heads dense) and their slots, written into the packed pages
-// by each work item just before it reads them (decode_stack: the lines are read right after anyway; written on
+// by each work item just before it reads them (layer_stack: the lines are read right after anyway; written on
 // their own, ahead of the kernel, their reads for ownership were a latency-bound pass of their own).
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_tables, torch::Tensor lens, double scale, bool kv_packed,

@@ -1,7 +1,8 @@
-// A decode step's layer stack in one call: the same kernels, in the same order and on the same shapes, that the
-// Python forward (nanoflow/flow/ops.py) calls for a step whose rows are all decode rows, without ~270 trips
-// through Python per step (6 ms of a 95 ms step at 64 requests). The CPU's counterpart of replaying a captured
-// CUDA graph; nanoflow/flow/cpp_stack.py decides when a step takes it.
+// A step's layer stack in one call: the same kernels, in the same order and on the same shapes, that the Python
+// forward (nanoflow/flow/ops.py) calls for a step whose rows all read the cache through the paged kernel (decode
+// rows, and prefill rows of short contexts, each a query over its own context), without ~270 trips through Python
+// per step (6 ms of a 95 ms step at 64 requests). The CPU's counterpart of replaying a captured CUDA graph;
+// nanoflow/flow/cpp_stack.py decides when a step takes it.
 #include <torch/extension.h>
 #include <ATen/record_function.h>
 #include <vector>
@@ -9,6 +10,7 @@
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor block_tables, torch::Tensor lens, double scale, bool kv_packed,
                            c10::optional<std::vector<torch::Tensor>> new_kv);
+void write_kv_packed(torch::Tensor kv_cache, torch::Tensor k, torch::Tensor v, torch::Tensor slot_mapping);
 void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
 void rope_inplace(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin, int64_t num_heads,
                   int64_t head_dim);
@@ -49,13 +51,17 @@ torch::Tensor first_norm(const torch::Tensor& x, const torch::Tensor& weight, in
 
 // x [B, H]: the step's embeddings, bf16 or float32; layers: kPerLayer tensors per layer (above); kv_caches: one
 // [2, blocks, bs, Hkv, D] per layer, packed pages when kv_packed, else rows (attention.py's layouts);
-// dims = {num_heads, num_kv_heads, head_dim, hidden, intermediate}.
+// block_tables, lens: every row's pages and context length (its own position + 1);
+// dims = {num_heads, num_kv_heads, head_dim, hidden, intermediate}. fuse_kv_write (packed pages): each row's K and
+// V written by the attention kernel just before it reads that row's pages - only when no row reads another row's
+// new K/V (all rows decode); else the step's K and V are written first, as the Python forward writes them.
 // Returns (hidden, residual) after the last layer, before the final norm, as ops.py leaves them.
-std::vector<torch::Tensor> decode_stack(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin,
+std::vector<torch::Tensor> layer_stack(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin,
                                         torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor lens,
                                         std::vector<torch::Tensor> layers, std::vector<torch::Tensor> kv_caches,
-                                        std::vector<int64_t> dims, double scale, double eps, bool kv_packed) {
-  TORCH_CHECK(dims.size() == 5 && layers.size() == kv_caches.size() * kPerLayer, "decode_stack: bad arguments");
+                                        std::vector<int64_t> dims, double scale, double eps, bool kv_packed,
+                                        bool fuse_kv_write) {
+  TORCH_CHECK(dims.size() == 5 && layers.size() == kv_caches.size() * kPerLayer, "layer_stack: bad arguments");
   const int64_t Hq = dims[0], Hkv = dims[1], D = dims[2], H = dims[3], I = dims[4];
   const int64_t B = x.size(0), q_size = Hq * D, kv_size = Hkv * D;
   torch::Tensor residual, qkv, attn, act;
@@ -72,10 +78,13 @@ std::vector<torch::Tensor> decode_stack(torch::Tensor x, torch::Tensor positions
     const torch::Tensor k = qkv.narrow(1, q_size, kv_size).view({B, Hkv, D});
     const torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({B, Hkv, D});
     const torch::Tensor q = qkv.narrow(1, 0, q_size).view({B, Hq, D});
-    if (kv_packed) {  // the step's K and V written into the pages by the attention kernel, each just before it
-                      // reads that page
+    if (kv_packed && fuse_kv_write) {
       LABELLED("paged_decode", attn = paged_decode(q, kv_caches[l][0], kv_caches[l][1], block_tables, lens, scale,
                                                    true, std::vector<torch::Tensor>{k, v, slot_mapping}));
+    } else if (kv_packed) {
+      LABELLED("write_kv_packed", write_kv_packed(kv_caches[l], k, v, slot_mapping));
+      LABELLED("paged_decode", attn = paged_decode(q, kv_caches[l][0], kv_caches[l][1], block_tables, lens, scale,
+                                                   true, c10::nullopt));
     } else {  // rows: attention.write_kv's index_copy_, then the kernel
       const int64_t slots = kv_caches[l].size(1) * kv_caches[l].size(2);
       kv_caches[l][0].view({slots, Hkv, D}).index_copy_(0, slot_mapping, k);
