@@ -81,7 +81,7 @@ def test_paged_decode_packed_kv_matches_torch(dtype, hq, hkv, d, b, bs):
 @pytest.mark.parametrize("dtype", PACKED_DTYPES)
 @pytest.mark.parametrize("b", [3, 40])  # items per (request, kv head) and per request
 def test_paged_decode_writes_new_kv(dtype, b):
-    """paged_decode(new_kv=...) (the decode stack's) = write_kv_packed, then paged_decode: same pages, same output."""
+    """paged_decode(new_kv=...) (the layer stack's) = write_kv_packed, then paged_decode: same pages, same output."""
     gen = torch.Generator().manual_seed(7)
     nb, bs, hkv, d = 4 * b + 8, 16, 3, 64
     cache = pack_kv(_paged_cache(nb, bs, hkv, d, dtype, gen))

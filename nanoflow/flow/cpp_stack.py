@@ -34,9 +34,9 @@ class CppLayerStack(ExecutorWrapper):
 
     @torch.inference_mode()
     def __call__(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
-        rows = self._rows(input_ids, meta)
-        layers = self._stack_tensors() if rows is not None else None
-        if layers is None:
+        layers = self._stack_tensors()
+        rows = self._rows(input_ids, meta) if layers is not None else None
+        if rows is None:
             return self.executor(input_ids, positions, meta, kv_caches)
         model, c = self.executor.model, self.executor.model.cfg
         attn, norm = model.layers[0].self_attn, model.layers[0].input_layernorm
