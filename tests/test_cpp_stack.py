@@ -1,6 +1,6 @@
 """CPU fast paths that must not change results: steps of decode rows and short prefill chunks in one C++ call
-(flow/cpp_stack.py), the same hidden states as the Python forward bit for bit (and the Python forward for every step or model it does not
-fit); greedy tokens straight from the LM-head kernel, the same as logits then argmax."""
+(flow/cpp_stack.py), the same hidden states as the Python forward bit for bit (and the Python forward for every
+step or model it does not fit); greedy tokens straight from the LM-head kernel, the same as logits then argmax."""
 import pytest
 import torch
 

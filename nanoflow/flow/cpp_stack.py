@@ -11,8 +11,8 @@ CPU model on one device with panel-packed GEMMs (gate/up GLU-packed: bf16 on AVX
 CPUs), not batch-invariant, the sequential executor, no nano-op trace being recorded. KV pages packed (written
 by the attention kernel in all-decode steps, else first, as write_kv writes them) or rows (written as
 attention.write_kv writes them). Anything else (longer prefills, F.linear or oneDNN GEMMs, ...) runs the wrapped
-executor. The hidden states are the same bit for bit
-(tests/test_cpp_stack.py); `--no-cpp-layer-stack` (EngineConfig.cpp_layer_stack) switches it off.
+executor. The hidden states are the same bit for bit (tests/test_cpp_stack.py); `--no-cpp-layer-stack`
+(EngineConfig.cpp_layer_stack) switches it off.
 """
 from __future__ import annotations
 

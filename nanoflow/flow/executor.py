@@ -217,7 +217,8 @@ def resolve_plan(plan, kind: str, model, dense_batch: int, device) -> Plan:
 def make_executor(kind: str, plan, model, device=None, dense_batch: int = 256, cpp_layer_stack: bool = False):
     """`kind` in EXECUTORS; `plan` a Plan, a JSON path or None (the executor's default plan).
     nanobatch with an overlap plan runs that plan's splits and issue order on one unit. `cpp_layer_stack`
-    (CPU, sequential): steps of decode rows and short prefills in one C++ call where the model fits it (flow/cpp_stack.py)."""
+    (CPU, sequential): steps of decode rows and short prefills in one C++ call where the model fits it
+    (flow/cpp_stack.py)."""
     if kind not in EXECUTORS:
         raise ValueError(f"unknown executor {kind!r}: choose one of {', '.join(EXECUTORS)}")
     device = torch.device(device) if device is not None else next(model.parameters()).device

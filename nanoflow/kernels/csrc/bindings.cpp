@@ -20,10 +20,10 @@ torch::Tensor gemm_f32(torch::Tensor x, torch::Tensor w_packed, int64_t N, c10::
 torch::Tensor gemm_f32_argmax(torch::Tensor x, torch::Tensor w_packed, int64_t N);
 void write_kv_packed(torch::Tensor kv_cache, torch::Tensor k, torch::Tensor v, torch::Tensor slot_mapping);
 std::vector<torch::Tensor> layer_stack(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin,
-                                        torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor lens,
-                                        std::vector<torch::Tensor> layers, std::vector<torch::Tensor> kv_caches,
-                                        std::vector<int64_t> dims, double scale, double eps, bool kv_packed,
-                                        bool fuse_kv_write);
+                                       torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor lens,
+                                       std::vector<torch::Tensor> layers, std::vector<torch::Tensor> kv_caches,
+                                       std::vector<int64_t> dims, double scale, double eps, bool kv_packed,
+                                       bool fuse_kv_write);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while a kernel runs (tensors only, no Python objects): with async scheduling the

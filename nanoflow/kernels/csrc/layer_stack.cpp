@@ -57,10 +57,10 @@ torch::Tensor first_norm(const torch::Tensor& x, const torch::Tensor& weight, in
 // new K/V (all rows decode); else the step's K and V are written first, as the Python forward writes them.
 // Returns (hidden, residual) after the last layer, before the final norm, as ops.py leaves them.
 std::vector<torch::Tensor> layer_stack(torch::Tensor x, torch::Tensor positions, torch::Tensor cos_sin,
-                                        torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor lens,
-                                        std::vector<torch::Tensor> layers, std::vector<torch::Tensor> kv_caches,
-                                        std::vector<int64_t> dims, double scale, double eps, bool kv_packed,
-                                        bool fuse_kv_write) {
+                                       torch::Tensor slot_mapping, torch::Tensor block_tables, torch::Tensor lens,
+                                       std::vector<torch::Tensor> layers, std::vector<torch::Tensor> kv_caches,
+                                       std::vector<int64_t> dims, double scale, double eps, bool kv_packed,
+                                       bool fuse_kv_write) {
   TORCH_CHECK(dims.size() == 5 && layers.size() == kv_caches.size() * kPerLayer, "layer_stack: bad arguments");
   const int64_t Hq = dims[0], Hkv = dims[1], D = dims[2], H = dims[3], I = dims[4];
   const int64_t B = x.size(0), q_size = Hq * D, kv_size = Hkv * D;
