@@ -47,6 +47,18 @@ torch::Tensor first_norm(const torch::Tensor& x, const torch::Tensor& weight, in
   if (x.scalar_type() == at::kFloat) return at::rms_norm(x, {H}, c10::nullopt, eps) * weight;
   return at::rms_norm(x, {H}, weight, eps);
 }
+// The step's K and V into the cache as attention.write_kv writes them: packed pages by the C++ kernel, rows by
+// index_copy_.
+void write_kv(const torch::Tensor& cache, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& slots,
+              bool kv_packed) {
+  if (kv_packed) {
+    LABELLED("write_kv_packed", write_kv_packed(cache, k, v, slots));
+    return;
+  }
+  const int64_t n = cache.size(1) * cache.size(2);
+  cache[0].view({n, k.size(1), k.size(2)}).index_copy_(0, slots, k);
+  cache[1].view({n, v.size(1), v.size(2)}).index_copy_(0, slots, v);
+}
 }  // namespace
 
 // x [B, H]: the step's embeddings, bf16 or float32; layers: kPerLayer tensors per layer (above); kv_caches: one
@@ -78,20 +90,11 @@ std::vector<torch::Tensor> layer_stack(torch::Tensor x, torch::Tensor positions,
     const torch::Tensor k = qkv.narrow(1, q_size, kv_size).view({B, Hkv, D});
     const torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({B, Hkv, D});
     const torch::Tensor q = qkv.narrow(1, 0, q_size).view({B, Hq, D});
-    if (kv_packed && fuse_kv_write) {
-      LABELLED("paged_decode", attn = paged_decode(q, kv_caches[l][0], kv_caches[l][1], block_tables, lens, scale,
-                                                   true, std::vector<torch::Tensor>{k, v, slot_mapping}));
-    } else if (kv_packed) {
-      LABELLED("write_kv_packed", write_kv_packed(kv_caches[l], k, v, slot_mapping));
-      LABELLED("paged_decode", attn = paged_decode(q, kv_caches[l][0], kv_caches[l][1], block_tables, lens, scale,
-                                                   true, c10::nullopt));
-    } else {  // rows: attention.write_kv's index_copy_, then the kernel
-      const int64_t slots = kv_caches[l].size(1) * kv_caches[l].size(2);
-      kv_caches[l][0].view({slots, Hkv, D}).index_copy_(0, slot_mapping, k);
-      kv_caches[l][1].view({slots, Hkv, D}).index_copy_(0, slot_mapping, v);
-      LABELLED("paged_decode", attn = paged_decode(q, kv_caches[l][0], kv_caches[l][1], block_tables, lens, scale,
-                                                   false, c10::nullopt));
-    }
+    c10::optional<std::vector<torch::Tensor>> new_kv;  // (fused: written by the attention kernel)
+    if (kv_packed && fuse_kv_write) new_kv = std::vector<torch::Tensor>{k, v, slot_mapping};
+    else write_kv(kv_caches[l], k, v, slot_mapping, kv_packed);
+    LABELLED("paged_decode", attn = paged_decode(q, kv_caches[l][0], kv_caches[l][1], block_tables, lens, scale,
+                                                 kv_packed, new_kv));
     x = gemm(attn.view({B, q_size}), w[3], H, nullptr, false);
     LABELLED("fused_add_rms_norm", fused_add_rms_norm(x, residual, w[4], eps));
     act = gemm(x, w[5], I, nullptr, true);
