@@ -190,8 +190,8 @@ def test_packed_linear_equals_f_linear_bf16(m):
     assert torch.equal(packed_linear(x, packed, b), F.linear(x, w, b))
 
 
-# The panel GEMMs of each dtype (bf16: AVX512-BF16 builds; float32: AVX2+FMA builds, which every x86-64 CPU with
-# AVX-512 also has: the kernel is tested there even though the engine picks it only on AVX2-only CPUs).
+# The panel GEMMs of each dtype (bf16: AVX512-BF16 builds; float32: AVX2+FMA builds, with the 12-row AVX-512 tile
+# where the CPU has AVX-512: the shapes below cover both tiles' row remainders and an odd number of panels).
 PANEL_DTYPES = [
     pytest.param(torch.bfloat16, marks=pytest.mark.skipif(ext is None or not ext.gemm_bf16_supported(),
                                                           reason="no AVX512-BF16 build here"), id="bf16"),

@@ -21,8 +21,8 @@ _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _SOURCES = [os.path.join(_CSRC, f) for f in ("bindings.cpp", "paged_decode.cpp", "fused_ops.cpp", "gemm_bf16.cpp",
                                                    "gemm_f32.cpp", "layer_stack.cpp")]
 # (in the build key: a header change is a new build)
-_HEADERS = [os.path.join(_CSRC, f) for f in ("vec.h", "claimed_runs.h", "gemm_tiles.h", "decode_common.h",
-                                                   "decode_bf16.h", "decode_f32.h")]
+_HEADERS = [os.path.join(_CSRC, f) for f in ("vec.h", "claimed_runs.h", "gemm_tiles.h", "gemm_f32_avx512.h",
+                                                   "decode_common.h", "decode_bf16.h", "decode_f32.h")]
 _env_off = env.no_cpp()
 # Outside a step: on unless NANOFLOW_NO_CPP; inside one: that engine's choice (switched). A context variable,
 # so engines stepping at the same time on different threads each see their own.

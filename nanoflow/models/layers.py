@@ -114,10 +114,12 @@ class Linear(nn.Module):
 def packed_gemm_supported(dtype: torch.dtype, device: torch.device | str) -> bool:
     """oneDNN prepacked weights pay for bfloat16 on a CPU that multiplies bf16 natively: 1.05-1.15x F.linear
     at M >= 256 and 1.3-1.8x at M <= 64 (SmolLM2's shapes, 2 AVX512-BF16 cores), with bit-identical results.
-    Not for float32 (oneDNN sums in another order): there the C++ panel GEMM runs on AVX2-only CPUs
-    (gemm_panels_supported), F.linear elsewhere."""
-    return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    Not for float32 (oneDNN sums in another order): there the C++ panel GEMM runs (gemm_panels_supported). Not
+    where oneDNN only emulates bf16 (AVX-512 without AVX512-BF16, e.g. Ice Lake: `_is_mkldnn_bf16_supported()` is
+    true there, but its bias add rounds differently from F.linear's)."""
+    native_bf16 = cpu_ext.cpu_has("avx512_bf16") or cpu_ext.cpu_has("amx_bf16")
+    return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and native_bf16
+            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @dataclass(frozen=True)
@@ -134,14 +136,14 @@ class PackedWeight:
 
 
 def gemm_panels_supported(dtype: torch.dtype) -> bool:
-    """The C++ panel GEMM runs here (C++ kernels on): bf16 built with AVX512-BF16; float32 built with AVX2+FMA, on a
-    CPU without AVX-512 (there MKL's own AVX-512 float32 GEMM was not measured against it)."""
+    """The C++ panel GEMM runs here (C++ kernels on): bf16 built with AVX512-BF16; float32 built with AVX2+FMA (its
+    AVX-512 tile where the CPU has AVX-512: as fast as oneDNN's prepacked float32 at M = 256, faster at M = 64)."""
     ext = cpu_ext.get()
     if ext is None:
         return False
     if dtype == torch.bfloat16:
         return ext.gemm_bf16_supported()
-    return dtype == torch.float32 and ext.gemm_f32_supported() and not cpu_ext.cpu_has("avx512f")
+    return dtype == torch.float32 and ext.gemm_f32_supported()
 
 
 def pack_weight(w: torch.Tensor, m_hint: int, kind: str = "onednn", glu: bool = False) -> PackedWeight:

@@ -10,6 +10,7 @@
 #include <torch/extension.h>
 #include <cmath>
 #include <vector>
+#include "gemm_f32_avx512.h"
 #include "gemm_tiles.h"
 #include "vec.h"
 
@@ -117,6 +118,61 @@ void argmax_tile(const float* s, int64_t rows, int64_t n0, int64_t N, float* bes
       if (s[r * NR + c] > best[r]) { best[r] = s[r * NR + c]; arg[r] = n0 + c; }
 }
 
+#ifdef NANOFLOW_AVX512F
+// The AVX-512 tiles (gemm_f32_avx512.h: 12 rows x 2 panels) over the same walk; store(part, m, n, sums) receives
+// row m's 16 sums of panel n, each row's panels in increasing order on its part.
+template <typename Store>
+void for_each_tile512(const GemmArgs& g, int64_t panels, Store store) {
+  using namespace nanoflow_gemm512;
+  const int64_t units = (panels + PANELS - 1) / PANELS;
+  auto fn = [&](int64_t part, int64_t m0, int64_t u, const char* next, int64_t t, int64_t tiles) {
+    const int64_t n = u * PANELS;
+    const int64_t next_lines = next == nullptr ? 0 : std::min<int64_t>(PANELS, panels - n - PANELS) * g.K;
+    const int64_t line0 = next_lines * t / tiles, line_end = next_lines * (t + 1) / tiles;
+    const float* x = g.x + m0 * g.ldx;
+    const float* panel = g.w + n * g.K * NR;
+    auto out = [&](int r, int p, __m512 s) { store(part, m0 + r, n + p, s); };
+    with_rows(g.M - m0, [&](auto R) {
+      if (panels - n >= 2) tile512<decltype(R)::value, 2>(x, g.ldx, panel, g.K, next, line0, line_end, out);
+      else tile512<decltype(R)::value, 1>(x, g.ldx, panel, g.K, next, line0, line_end, out);
+    });
+  };
+  nanoflow_gemm::for_each_tile(g.M, g.K * 4, 48, g.w, PANELS * g.K * NR * 4, units, fn, nanoflow_gemm512::MR);
+}
+
+// gemm_f32 on AVX-512: row m's sums of panel n (+ bias) into y, or silu(gate) * up (GLU: 8 columns per panel).
+void gemm512(const GemmArgs& g, int64_t panels, bool glu) {
+  using nanoflow_gemm512::first_lanes;
+  for_each_tile512(g, panels, [&](int64_t, int64_t m, int64_t n, __m512 s) {
+    if (glu) {
+      const __m256 gate = _mm512_castps512_ps256(s), up = _mm512_extractf32x8_ps(s, 1);
+      _mm256_storeu_ps(g.y + m * g.ldy + n * 8, _mm256_mul_ps(silu256_ps(gate), up));
+      return;
+    }
+    const int64_t c = n * NR;
+    const __mmask16 k = first_lanes(g.N - c);
+    if (g.bias != nullptr) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(k, g.bias + c));
+    if (k == 0xFFFF) _mm512_storeu_ps(g.y + m * g.ldy + c, s);
+    else _mm512_mask_storeu_ps(g.y + m * g.ldy + c, k, s);
+  });
+}
+
+// gemm_f32_argmax on AVX-512: each sum folded into its row's running maximum on this part (argmax_tile's rule: a
+// NaN never wins, a later equal value does not displace an earlier column); rows with no larger lane skip the scan.
+void gemm512_argmax(const GemmArgs& g, int64_t panels, nanoflow_gemm::RowArgmax& maxima) {
+  for_each_tile512(g, panels, [&](int64_t part, int64_t m, int64_t n, __m512 s) {
+    float* best = maxima.best_at(part, m);
+    const __mmask16 larger = _mm512_cmp_ps_mask(s, _mm512_set1_ps(*best), _CMP_GT_OQ) &
+                             nanoflow_gemm512::first_lanes(g.N - n * NR);
+    if (larger == 0) return;
+    alignas(64) float v[16];
+    _mm512_store_ps(v, s);
+    for (int c = 0; c < 16; ++c)
+      if (((larger >> c) & 1) && v[c] > *best) { *best = v[c]; *maxima.arg_at(part, m) = n * NR + c; }
+  });
+}
+#endif
+
 }  // namespace
 #endif
 
@@ -161,10 +217,14 @@ torch::Tensor gemm_f32(torch::Tensor x, torch::Tensor w_packed, int64_t N, c10::
   }
   GemmArgs g{x.data_ptr<float>(), x.stride(0), M, N, x.size(1), w_packed.data_ptr<float>(),
              b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), y.stride(0)};
+#ifdef NANOFLOW_AVX512F
+  gemm512(g, panels, glu);
+#else
   for_each_tile(g, panels, [&](int64_t, int64_t m0, int64_t n, const char* next, int64_t t, int64_t tiles) {
     if (glu) run_tile<true>(g, m0, n, next, t, tiles);
     else run_tile<false>(g, m0, n, next, t, tiles);
   });
+#endif
 #endif
   return y;
 }
@@ -179,15 +239,19 @@ torch::Tensor gemm_f32_argmax(torch::Tensor x, torch::Tensor w_packed, int64_t N
   auto tokens = torch::zeros({M}, x.options().dtype(torch::kLong));
 #ifdef NANOFLOW_AVX2
   nanoflow_gemm::RowArgmax maxima(M);
-  std::vector<std::vector<float>> scratch(maxima.threads, std::vector<float>(MR * NR));
   GemmArgs g{x.data_ptr<float>(), x.stride(0), M, N, x.size(1), w_packed.data_ptr<float>(), nullptr, nullptr, NR,
              true};
+#ifdef NANOFLOW_AVX512F
+  gemm512_argmax(g, panels, maxima);
+#else
+  std::vector<std::vector<float>> scratch(maxima.threads, std::vector<float>(MR * NR));
   for_each_tile(g, panels, [&](int64_t part, int64_t m0, int64_t n, const char* next, int64_t t, int64_t tiles) {
     GemmArgs gt = g;
     gt.y = scratch[part].data();
     run_tile<false>(gt, m0, n, next, t, tiles);
     argmax_tile(gt.y, std::min(MR, M - m0), n * NR, N, maxima.best_at(part, m0), maxima.arg_at(part, m0));
   });
+#endif
   maxima.merge_into(tokens.data_ptr<int64_t>());
 #endif
   return tokens;

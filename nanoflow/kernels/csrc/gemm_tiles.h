@@ -19,10 +19,10 @@ constexpr int64_t MR = 6;  // rows per register tile (both kernels)
 // would otherwise get 6-row blocks); and the blocks are of equal size - fixed 120-row blocks left 256 rows a 16-row
 // third block, a third pass over the LM head's 57 MB for a sliver of work.
 constexpr int64_t kBlockBytes = 256 * 1024;
-inline int64_t block_rows(int64_t M, int64_t row_bytes, int64_t min_rows) {
-  const int64_t most = std::max<int64_t>(min_rows, kBlockBytes / row_bytes / MR * MR);
+inline int64_t block_rows(int64_t M, int64_t row_bytes, int64_t min_rows, int64_t mr = MR) {
+  const int64_t most = std::max<int64_t>(min_rows, kBlockBytes / row_bytes / mr * mr);
   const int64_t blocks = std::max<int64_t>(1, (M + most - 1) / most);
-  return std::max<int64_t>(MR, ((M + blocks - 1) / blocks + MR - 1) / MR * MR);  // (M = 0: no blocks, no division)
+  return std::max<int64_t>(mr, ((M + blocks - 1) / blocks + mr - 1) / mr * mr);  // (M = 0: no blocks, no division)
 }
 
 // Work: runs of consecutive panels of one row block, claimed one at a time by whichever thread is free
@@ -33,17 +33,17 @@ inline int64_t block_rows(int64_t M, int64_t row_bytes, int64_t min_rows) {
 // and so its panels of any one row, in increasing order); `next` is panel n + 1, or nullptr after the last.
 template <typename F>
 void for_each_tile(int64_t M, int64_t row_bytes, int64_t min_rows, const void* w, int64_t panel_bytes, int64_t panels,
-                   F fn) {
+                   F fn, int64_t mr = MR) {
   if (M <= 0 || panels <= 0) return;
-  const int64_t MB = block_rows(M, row_bytes, min_rows), blocks = (M + MB - 1) / MB;
+  const int64_t MB = block_rows(M, row_bytes, min_rows, mr), blocks = (M + MB - 1) / MB;
   const int64_t run = std::clamp<int64_t>(blocks * panels / (8 * at::get_num_threads()), 1, 8);
   const int64_t runs = (panels + run - 1) / run;
   nanoflow_work::for_each_claimed_run(blocks * runs, 1, [&](int64_t part, int64_t u, int64_t) {
     const int64_t bl = u / runs, n_end = std::min(panels, (u % runs + 1) * run);
-    const int64_t m_begin = bl * MB, tiles = (std::min(MB, M - m_begin) + MR - 1) / MR;
+    const int64_t m_begin = bl * MB, tiles = (std::min(MB, M - m_begin) + mr - 1) / mr;
     for (int64_t n = (u % runs) * run; n < n_end; ++n) {
       const char* next = n + 1 < panels ? static_cast<const char*>(w) + (n + 1) * panel_bytes : nullptr;
-      for (int64_t t = 0; t < tiles; ++t) fn(part, m_begin + t * MR, n, next, t, tiles);
+      for (int64_t t = 0; t < tiles; ++t) fn(part, m_begin + t * mr, n, next, t, tiles);
     }
   });
 }

@@ -9,6 +9,9 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define NANOFLOW_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#define NANOFLOW_AVX512F 1  // (gemm_f32's AVX-512 tile; AVX512-BF16 is NANOFLOW_AVX512BF16)
+#endif
 #endif
 
 namespace nanoflow_vec {
