@@ -123,21 +123,21 @@ void argmax_tile(const float* s, int64_t rows, int64_t n0, int64_t N, float* bes
 // row m's 16 sums of panel n, each row's panels in increasing order on its part.
 template <typename Store>
 void for_each_tile512(const GemmArgs& g, int64_t panels, Store store) {
-  using namespace nanoflow_gemm512;
-  const int64_t units = (panels + PANELS - 1) / PANELS;
+  using nanoflow_gemm512::kTilePanels, nanoflow_gemm512::kTileRows, nanoflow_gemm512::tile512;
+  const int64_t units = (panels + kTilePanels - 1) / kTilePanels;
   auto fn = [&](int64_t part, int64_t m0, int64_t u, const char* next, int64_t t, int64_t tiles) {
-    const int64_t n = u * PANELS;
-    const int64_t next_lines = next == nullptr ? 0 : std::min<int64_t>(PANELS, panels - n - PANELS) * g.K;
+    const int64_t n = u * kTilePanels;
+    const int64_t next_lines = next == nullptr ? 0 : std::min<int64_t>(kTilePanels, panels - n - kTilePanels) * g.K;
     const int64_t line0 = next_lines * t / tiles, line_end = next_lines * (t + 1) / tiles;
     const float* x = g.x + m0 * g.ldx;
     const float* panel = g.w + n * g.K * NR;
     auto out = [&](int r, int p, __m512 s) { store(part, m0 + r, n + p, s); };
-    with_rows(g.M - m0, [&](auto R) {
+    nanoflow_gemm512::with_rows(g.M - m0, [&](auto R) {
       if (panels - n >= 2) tile512<decltype(R)::value, 2>(x, g.ldx, panel, g.K, next, line0, line_end, out);
       else tile512<decltype(R)::value, 1>(x, g.ldx, panel, g.K, next, line0, line_end, out);
     });
   };
-  nanoflow_gemm::for_each_tile(g.M, g.K * 4, 48, g.w, PANELS * g.K * NR * 4, units, fn, nanoflow_gemm512::MR);
+  nanoflow_gemm::for_each_tile(g.M, g.K * 4, 48, g.w, kTilePanels * g.K * NR * 4, units, fn, kTileRows);
 }
 
 // gemm_f32 on AVX-512: row m's sums of panel n (+ bias) into y, or silu(gate) * up (GLU: 8 columns per panel).
