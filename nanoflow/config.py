@@ -29,7 +29,8 @@ def default_dense_batch(device: str, dtype: str) -> int:
     """The token budget per step that is fastest on this hardware (`dense_batch=None`). A GPU: 2048 (the
     paper's B_dense). A CPU with native bf16 multiplies 1024-row GEMMs ~10% faster than 256-row ones and a
     bigger step amortises the per-step costs (1.36x end to end on const:128/128 x 256, 2 AVX512-BF16 cores);
-    on an AVX2-only CPU in float32, 512 did not beat 256 (docs/benchmarks.md)."""
+    in float32 (AVX2-only CPUs, and AVX-512 ones without BF16 such as Ice Lake), 512 did not beat 256
+    (docs/benchmarks.md)."""
     if device.startswith("cuda"):
         return 2048
     return 1024 if dtype == "bfloat16" else 256
