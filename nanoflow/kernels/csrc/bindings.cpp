@@ -45,7 +45,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_stack", &layer_stack, "a step's layer stack (flow/cpp_stack.py)", nogil());
   m.def("gemm_bf16_argmax", &gemm_bf16_argmax, "row-wise argmax of x W^T (bf16-rounded) against 64-column panels",
         nogil());
-  m.def("gemm_f32_supported", &gemm_f32_supported, "whether gemm_f32 is built (AVX2+FMA, no AVX-512)");
+  m.def("gemm_f32_supported", &gemm_f32_supported,
+        "whether gemm_f32 is built (AVX2+FMA; its AVX-512 tile where the build has AVX-512)");
   m.def("gemm_f32", &gemm_f32, "x W^T (+ b) against float32 weights packed in 16-column panels", py::arg("x"),
         py::arg("w_packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("out") = py::none(),
         py::arg("glu") = false, nogil());

@@ -1,6 +1,7 @@
 // float32 GEMM on AVX2+FMA CPUs (no native bf16, so float32 is the fast dtype there): y [M, N] = x [M, K] W^T
 // (+ b). Why: torch's F.linear (MKL / oneDNN) ran this model's layers at ~100-150 of the 194 GFLOP/s two Zen 3 cores
-// reach in registers, the LM head at ~80; a 6 x 16 register tile over weights packed once reaches more.
+// reach in registers, the LM head at ~80; a 6 x 16 register tile over weights packed once reaches more. A build with
+// AVX-512 takes gemm_f32_avx512.h's 12 x 32 tile over the same panels instead (bit-identical results).
 //
 // W is packed once (layers.pack_weight, "panels"): [N / 16 panels][K][16 columns] float32, N padded to 16 with
 // zeros. A panel's row is two vectors, each the operand of an FMA against one x row's value broadcast: a 6-row x
