@@ -14,15 +14,12 @@ def preferred_dtype(device: str | None = None) -> str:
     it natively (a GPU, or a CPU with AVX512-BF16/AMX), else float32 - on an AVX2-only CPU bf16 GEMMs are
     emulated and about 4x slower."""
     import torch
+
+    from nanoflow.kernels import cpu_ext
     on_gpu = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if on_gpu:
         return "bfloat16"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return "float32"
-    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+    return "bfloat16" if cpu_ext.native_bf16() else "float32"
 
 
 def default_dense_batch(device: str, dtype: str) -> int:

@@ -121,6 +121,12 @@ def cpu_has(flag: str) -> bool:
     return flag in _cpu_flags().split()
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): where bf16 is the fast dtype, and where
+    oneDNN's bf16 is not an emulation (it is on AVX-512 without BF16, e.g. Ice Lake)."""
+    return cpu_has("avx512_bf16") or cpu_has("amx_bf16")
+
+
 def _cpu_flags() -> str:
     """The instruction-set flags that -march=native depends on (not all of /proc/cpuinfo's: some of those
     change at run time, and each change would cost a rebuild)."""

@@ -117,8 +117,7 @@ def packed_gemm_supported(dtype: torch.dtype, device: torch.device | str) -> boo
     Not for float32 (oneDNN sums in another order): there the C++ panel GEMM runs (gemm_panels_supported). Not
     where oneDNN only emulates bf16 (AVX-512 without AVX512-BF16, e.g. Ice Lake: `_is_mkldnn_bf16_supported()` is
     true there, but its bias add rounds differently from F.linear's)."""
-    native_bf16 = cpu_ext.cpu_has("avx512_bf16") or cpu_ext.cpu_has("amx_bf16")
-    return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and native_bf16
+    return (torch.device(device).type == "cpu" and dtype == torch.bfloat16 and cpu_ext.native_bf16()
             and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
