@@ -133,7 +133,7 @@ void for_each_tile512(const GemmArgs& g, int64_t panels, Store store) {
     const float* x = g.x + m0 * g.ldx;
     const float* panel = g.w + n * g.K * NR;
     auto out = [&](int r, int p, __m512 s) { store(part, m0 + r, n + p, s); };
-    nanoflow_gemm512::with_rows(g.M - m0, [&](auto R) {
+    nanoflow_gemm::with_tile_rows<kTileRows>(g.M - m0, [&](auto R) {
       if (panels - n >= 2) tile512<decltype(R)::value, 2>(x, g.ldx, panel, g.K, next, line0, line_end, out);
       else tile512<decltype(R)::value, 1>(x, g.ldx, panel, g.K, next, line0, line_end, out);
     });
@@ -143,7 +143,6 @@ void for_each_tile512(const GemmArgs& g, int64_t panels, Store store) {
 
 // gemm_f32 on AVX-512: row m's sums of panel n (+ bias) into y, or silu(gate) * up (GLU: 8 columns per panel).
 void gemm512(const GemmArgs& g, int64_t panels, bool glu) {
-  using nanoflow_gemm512::first_lanes;
   for_each_tile512(g, panels, [&](int64_t, int64_t m, int64_t n, __m512 s) {
     if (glu) {
       const __m256 gate = _mm512_castps512_ps256(s), up = _mm512_extractf32x8_ps(s, 1);
@@ -151,7 +150,7 @@ void gemm512(const GemmArgs& g, int64_t panels, bool glu) {
       return;
     }
     const int64_t c = n * NR;
-    const __mmask16 k = first_lanes(g.N - c);
+    const __mmask16 k = tail_mask(g.N - c);
     if (g.bias != nullptr) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(k, g.bias + c));
     if (k == 0xFFFF) _mm512_storeu_ps(g.y + m * g.ldy + c, s);
     else _mm512_mask_storeu_ps(g.y + m * g.ldy + c, k, s);
@@ -164,7 +163,7 @@ void gemm512_argmax(const GemmArgs& g, int64_t panels, nanoflow_gemm::RowArgmax&
   for_each_tile512(g, panels, [&](int64_t part, int64_t m, int64_t n, __m512 s) {
     float* best = maxima.best_at(part, m);
     const __mmask16 larger = _mm512_cmp_ps_mask(s, _mm512_set1_ps(*best), _CMP_GT_OQ) &
-                             nanoflow_gemm512::first_lanes(g.N - n * NR);
+                             tail_mask(g.N - n * NR);
     if (larger == 0) return;
     alignas(64) float v[16];
     _mm512_store_ps(v, s);

@@ -8,7 +8,6 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 #include "vec.h"
 
 #ifdef NANOFLOW_AVX512F
@@ -19,20 +18,6 @@ constexpr int64_t kTileRows = 12;  // (named apart from gemm_tiles.h's MR and ge
                                     // let an unqualified MR resolve to the AVX2 tile's 6, silently doubling the work)
 constexpr int64_t kPanelCols = 16;  // columns per weight panel
 constexpr int64_t kTilePanels = 2;  // weight panels per tile
-
-inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
-
-// Calls f(std::integral_constant<int, R>{}) with R = min(kTileRows, rows).
-template <typename F>
-inline void with_rows(int64_t rows, F f) {
-  switch (std::min(kTileRows, rows)) {
-#define NANOFLOW_CASE(r) case r: f(std::integral_constant<int, r>{}); break;
-    NANOFLOW_CASE(1) NANOFLOW_CASE(2) NANOFLOW_CASE(3) NANOFLOW_CASE(4) NANOFLOW_CASE(5) NANOFLOW_CASE(6)
-    NANOFLOW_CASE(7) NANOFLOW_CASE(8) NANOFLOW_CASE(9) NANOFLOW_CASE(10) NANOFLOW_CASE(11)
-#undef NANOFLOW_CASE
-    default: f(std::integral_constant<int, 12>{}); break;
-  }
-}
 
 // The tile's operands: R rows of x from `x` (ldx apart), P panels from `panel` (K rows of 16 each, one after
 // another); out(r, p, sums) receives row r's 16 sums of panel p. Meanwhile it prefetches lines [line0, line_end) of

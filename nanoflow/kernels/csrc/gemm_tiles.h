@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 #include "claimed_runs.h"
 
@@ -48,17 +49,14 @@ void for_each_tile(int64_t M, int64_t row_bytes, int64_t min_rows, const void* w
   });
 }
 
-// Calls f(std::integral_constant<int, R>{}) with R = min(MR, rows): a tile's row count as a template argument.
-template <typename F>
+// Calls f(std::integral_constant<int, R>{}) with R = min(kMaxRows, rows): a tile's row count as a template argument
+// (kMaxRows: the kernel's tile rows, MR or gemm_f32's AVX-512 12).
+template <int kMaxRows = MR, typename F>
 inline void with_tile_rows(int64_t rows, F f) {
-  switch (std::min(MR, rows)) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    default: f(std::integral_constant<int, 6>{}); break;
-  }
+  const int64_t r = std::clamp<int64_t>(rows, 1, kMaxRows);
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    ((r == I + 1 ? (f(std::integral_constant<int, I + 1>{}), true) : false) || ...);
+  }(std::make_integer_sequence<int, kMaxRows>{});
 }
 
 // The fused LM head + argmax's bookkeeping: each thread (`part`) keeps its rows' running maxima and their first

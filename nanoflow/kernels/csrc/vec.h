@@ -16,8 +16,12 @@
 
 namespace nanoflow_vec {
 
-#ifdef NANOFLOW_AVX512BF16
+#if defined(NANOFLOW_AVX512BF16) || defined(NANOFLOW_AVX512F)
+// Lanes [0, n) of 16 set: masked loads and stores of a row's tail.
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+#endif
+
+#ifdef NANOFLOW_AVX512BF16
 
 // 16 (or the first n, masked) bf16 values widened to float32: exact.
 // (Full vectors take plain loads and stores: masked stores are slow on AMD's AVX-512.)
